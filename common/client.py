@@ -1,0 +1,182 @@
+"""The federation client: connect, say echo, train each round, until done.
+
+One thread, one connection. The lifecycle is ``connect`` (with retries),
+``greet`` (send ``echo``), then for every ``model`` from the server
+``train`` and ``reply``, and finally ``done``. The client's own samples
+never leave this process; only the best weights vector, the number of
+examples and a few metrics do.
+
+TensorFlow is imported only when the first model arrives, so a client that
+cannot reach its server says so at once.
+
+Run it through ``client1.py`` or ``client2.py`` (see their ``--help``).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from typing import Any
+
+import numpy as np
+
+from common import protocol
+from common.config import ClientConfig, GAConfig
+
+log = logging.getLogger("fedga.client")
+
+EXIT_DONE = 0
+EXIT_FAILED = 1
+
+
+class ClientError(Exception):
+    """The client cannot go on; the message is the one line to show."""
+
+
+class LocalTrainer:
+    """The client's model and scorer, rebuilt only when the architecture
+    the server sends changes."""
+
+    def __init__(self, inputs: np.ndarray, labels: np.ndarray):
+        self.inputs = inputs
+        self.labels = labels
+        self.model_json: str | None = None
+        self.scorer: Any = None
+
+    def train(self, task: dict[str, Any], on_generation: Any = None) -> Any:
+        # Imported here: TensorFlow takes seconds to load.
+        from common import model as model_lib
+        from common import training
+
+        if task["model_json"] != self.model_json:
+            model = model_lib.model_from_json(task["model_json"])
+            self.scorer = training.PopulationScorer(model, self.inputs, self.labels)
+            self.model_json = task["model_json"]
+        shapes = model_lib.weight_shapes(self.scorer.model)
+        weights = task["weights"]
+        if [tuple(w.shape) for w in weights] != shapes:
+            raise protocol.InvalidMessage("weights do not fit the model's shapes")
+        settings = GAConfig(**{k: v for k, v in task["ga"].items() if k in _GA_FIELDS})
+        if settings.num_parents_mating > settings.num_solutions:
+            raise protocol.InvalidMessage("GA asks for more parents than solutions")
+        return training.train_locally(self.scorer, weights, settings, on_generation)
+
+
+_GA_FIELDS = set(GAConfig.__dataclass_fields__)
+
+
+def connect(config: ClientConfig) -> socket.socket:
+    """Connect to the server, retrying with a doubling delay."""
+    delay = config.retry_delay
+    attempts = max(1, config.retries)
+    for attempt in range(1, attempts + 1):
+        try:
+            return socket.create_connection(
+                (config.host, config.port), timeout=config.io_timeout
+            )
+        except OSError as exc:
+            if attempt == attempts:
+                raise ClientError(
+                    f"cannot reach the server at {config.host}:{config.port} "
+                    f"after {attempts} attempt(s): {exc.strerror or exc}"
+                ) from None
+            log.info(
+                "server not reachable (%s); retrying in %.1fs",
+                exc.strerror or exc,
+                delay,
+            )
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+def run_client(config: ClientConfig, inputs: np.ndarray, labels: np.ndarray) -> int:
+    """Take part in a federation until the server says done; return the
+    process exit status."""
+    trainer = LocalTrainer(inputs, labels)
+    try:
+        with connect(config) as sock:
+            return session(sock, config, trainer)
+    except ClientError as exc:
+        log.error("%s", exc)
+        return EXIT_FAILED
+
+
+def session(sock: socket.socket, config: ClientConfig, trainer: LocalTrainer) -> int:
+    name = config.client_id
+    num_examples = len(trainer.inputs)
+    try:
+        protocol.send_message(
+            sock,
+            "echo",
+            {"client_id": name, "num_examples": num_examples},
+            config.io_timeout,
+        )
+        log.info(
+            "%s connected to %s:%s with %d examples",
+            name,
+            config.host,
+            config.port,
+            num_examples,
+        )
+        while True:
+            message = protocol.recv_message(
+                sock,
+                protocol.SERVER_TO_CLIENT,
+                max_bytes=config.max_message_bytes,
+                io_timeout=config.io_timeout,
+                idle_timeout=config.idle_timeout,
+            )
+            if message.subject == "done":
+                log.info(
+                    "%s done after round %d: %s (accuracy %.2f)",
+                    name,
+                    message.data["round"],
+                    message.data["reason"],
+                    message.data["accuracy"],
+                )
+                return EXIT_DONE
+            reply_to_model(sock, config, trainer, message.data)
+    except protocol.PeerError as exc:
+        raise ClientError(f"server refused {name}: {exc}") from None
+    except protocol.ProtocolError as exc:
+        if not isinstance(exc, protocol.ConnectionClosed):
+            protocol.send_error(sock, str(exc))
+        raise ClientError(f"{name} lost the server: {exc}") from None
+
+
+def reply_to_model(
+    sock: socket.socket, config: ClientConfig, trainer: LocalTrainer, task: dict
+) -> None:
+    """Train on the received model and send back the best weights."""
+    from common.model import ModelRefused
+
+    round_number = task["round"]
+    try:
+        result = trainer.train(task)
+    except ModelRefused as exc:
+        protocol.send_error(sock, f"model refused: {exc}")
+        raise ClientError(
+            f"{config.client_id} refused the server's model: {exc}"
+        ) from None
+    protocol.send_message(
+        sock,
+        "model",
+        {
+            "round": round_number,
+            "best_model_weights_vector": result.best_vector,
+            "num_examples": len(trainer.inputs),
+            "metrics": result.metrics(),
+        },
+        config.io_timeout,
+    )
+    log.info(
+        "%s [ROUND %d] local loss %.4f -> %.4f, accuracy %.2f, %.1fs",
+        config.client_id,
+        round_number,
+        result.initial_loss,
+        result.loss,
+        result.accuracy,
+        result.seconds,
+    )

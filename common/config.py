@@ -1,0 +1,350 @@
+"""Settings of the server and the clients, their command lines, and seeds.
+
+Cheap to import (no TensorFlow): the console scripts parse their arguments
+here, so ``--help`` and a bad argument answer at once, before the seconds
+that importing TensorFlow costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 5000
+# A frame larger than this is refused before its payload is read. The XOR
+# model's messages are about 2 KB; 64 MiB leaves room for real models.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class GAConfig:
+    """The GA settings the server sends to every client each round.
+
+    Mirrors ``common.training.GASettings`` without importing TensorFlow; the
+    per-client ``seed`` is filled in by the server for each round.
+    """
+
+    # Generations each client runs per round.
+    num_generations: int = 150
+    # Solutions in the population, the global weights among them.
+    num_solutions: int = 10
+    # Solutions chosen as parents each generation.
+    num_parents_mating: int = 4
+    # Best solutions carried unchanged into the next generation.
+    keep_elitism: int = 1
+    # Percent of genes that mutation changes in each offspring.
+    mutation_percent_genes: float = 10.0
+    # Mutation adds a value drawn uniformly from [-mutation_range, +mutation_range].
+    mutation_range: float = 1.0
+    # The first population spreads up to this far around the global weights.
+    init_range: float = 1.0
+    # Seed of one client's GA in one round; the server sets it.
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything the server needs to run a federation."""
+
+    # Address to listen on; 127.0.0.1 keeps the server private to this machine.
+    host: str = DEFAULT_HOST
+    # Port to listen on; 0 picks a free one (logged as "listening on").
+    port: int = DEFAULT_PORT
+    # Clients that must have said echo before a round starts.
+    min_clients: int = 2
+    # Rounds at most; the run stops earlier when the target is reached.
+    rounds: int = 100
+    # Accuracy of the global model on the truth table that ends the run.
+    target_accuracy: float = 1.0
+    # Seed of the initial weights and of every client's GA seeds.
+    seed: int = 0
+    # Folder for model.keras and history.csv; None makes one under runs/.
+    out: Path | None = None
+    # How the replies are combined: fedavg, median or trimmed-mean.
+    aggregation: str = "fedavg"
+    # Step size on the averaged update (1.0 is plain FedAvg).
+    server_learning_rate: float = 1.0
+    # Server momentum on the averaged update (0 is plain FedAvg).
+    server_momentum: float = 0.0
+    # Seconds a round may take before missing replies count as failures.
+    round_timeout: float = 300.0
+    # Seconds a peer may take to finish a frame it has started, or to greet.
+    io_timeout: float = 30.0
+    # Largest frame accepted, in bytes.
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    ga: GAConfig = field(default_factory=GAConfig)
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Everything a client needs to join a federation."""
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    # Stable name of this client; the server derives its GA seeds from it.
+    client_id: str = "client"
+    # Seconds to wait for a frame to finish once it has started.
+    io_timeout: float = 30.0
+    # Seconds to wait for the server's next message (it may be waiting for
+    # other clients to finish their round).
+    idle_timeout: float = 3600.0
+    # Connection attempts before giving up, and the first pause between them.
+    retries: int = 5
+    retry_delay: float = 1.0
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    # Only lines about rounds and the end, no progress within a round.
+    quiet: bool = False
+
+
+def derive_seed(seed: int, client_id: str, round_number: int) -> int:
+    """The GA seed of one client in one round: a hash of the server's seed,
+    the client's id and the round, so it does not depend on who connected
+    first."""
+    text = f"{seed}/{client_id}/{round_number}".encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:4], "big")
+
+
+# Command lines ---------------------------------------------------------------
+
+
+class _HelpFormatter(
+    argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter
+):
+    pass
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0..65535, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def _add_connection_arguments(parser: argparse.ArgumentParser, port_help: str) -> None:
+    parser.add_argument("--host", default=DEFAULT_HOST, help="server address")
+    parser.add_argument("--port", type=_port, default=DEFAULT_PORT, help=port_help)
+    parser.add_argument(
+        "--io-timeout",
+        type=_positive_float,
+        default=30.0,
+        help="seconds a peer may take to finish a message it has started",
+    )
+    parser.add_argument(
+        "--max-message-bytes",
+        type=_positive_int,
+        default=DEFAULT_MAX_MESSAGE_BYTES,
+        help="largest message accepted, in bytes",
+    )
+
+
+def server_parser() -> argparse.ArgumentParser:
+    ga = GAConfig()
+    defaults = ServerConfig()
+    parser = argparse.ArgumentParser(
+        prog="server.py",
+        formatter_class=_HelpFormatter,
+        description=(
+            "Federated GA training server. Sends the XOR model to every client,\n"
+            "averages the weights they evolve, and repeats until the model\n"
+            "reaches the target accuracy on the XOR truth table.\n\n"
+            "Exit status: 0 target reached, 3 rounds used up first, 2 bad arguments."
+        ),
+    )
+    _add_connection_arguments(parser, "port to listen on; 0 picks a free one")
+    parser.add_argument(
+        "--min-clients",
+        type=_positive_int,
+        default=defaults.min_clients,
+        help="clients that must be connected before a round starts",
+    )
+    parser.add_argument(
+        "--rounds", type=_positive_int, default=defaults.rounds, help="rounds at most"
+    )
+    parser.add_argument(
+        "--target-accuracy",
+        type=_fraction,
+        default=defaults.target_accuracy,
+        help="stop when the global model reaches this accuracy",
+    )
+    parser.add_argument(
+        "--generations",
+        type=_positive_int,
+        default=ga.num_generations,
+        help="GA generations per client per round",
+    )
+    parser.add_argument(
+        "--solutions",
+        type=_positive_int,
+        default=ga.num_solutions,
+        help="GA population size",
+    )
+    parser.add_argument(
+        "--parents-mating",
+        type=_positive_int,
+        default=ga.num_parents_mating,
+        help="GA parents chosen each generation",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=defaults.seed,
+        help="seed of the initial weights and every client's GA",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help="folder for model.keras and history.csv (default: a new runs/<time>)",
+    )
+    parser.add_argument(
+        "--aggregation",
+        choices=["fedavg", "median", "trimmed-mean"],
+        default=defaults.aggregation,
+        help="how the clients' weights are combined",
+    )
+    parser.add_argument(
+        "--server-learning-rate",
+        type=_positive_float,
+        default=defaults.server_learning_rate,
+        help="step size on the averaged update (1 is plain FedAvg)",
+    )
+    parser.add_argument(
+        "--server-momentum",
+        type=_fraction,
+        default=defaults.server_momentum,
+        help="momentum on the averaged update (0 is plain FedAvg)",
+    )
+    parser.add_argument(
+        "--round-timeout",
+        type=_positive_float,
+        default=defaults.round_timeout,
+        help="seconds a round may take; late clients count as failures",
+    )
+    return parser
+
+
+def parse_server_args(argv: list[str] | None = None) -> ServerConfig:
+    """Parse the server's command line; exit 2 with a message when it is wrong."""
+    parser = server_parser()
+    args = parser.parse_args(argv)
+    if args.parents_mating > args.solutions:
+        parser.error(
+            f"--parents-mating ({args.parents_mating}) cannot exceed "
+            f"--solutions ({args.solutions})"
+        )
+    out = getattr(args, "out", None)
+    if out is not None and out.exists() and not out.is_dir():
+        parser.error(f"--out {out} exists and is not a folder")
+    ga = dataclasses.replace(
+        GAConfig(),
+        num_generations=args.generations,
+        num_solutions=args.solutions,
+        num_parents_mating=args.parents_mating,
+    )
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        min_clients=args.min_clients,
+        rounds=args.rounds,
+        target_accuracy=args.target_accuracy,
+        seed=args.seed,
+        out=out,
+        aggregation=args.aggregation,
+        server_learning_rate=args.server_learning_rate,
+        server_momentum=args.server_momentum,
+        round_timeout=args.round_timeout,
+        io_timeout=args.io_timeout,
+        max_message_bytes=args.max_message_bytes,
+        ga=ga,
+    )
+
+
+def client_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    defaults = ClientConfig()
+    parser = argparse.ArgumentParser(
+        prog=prog, formatter_class=_HelpFormatter, description=description
+    )
+    _add_connection_arguments(parser, "server port")
+    parser.add_argument(
+        "--client-id",
+        default=Path(prog).stem,
+        help="stable name of this client; the server seeds its GA from it",
+    )
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=defaults.retries,
+        help="connection attempts before giving up",
+    )
+    parser.add_argument(
+        "--retry-delay",
+        type=_positive_float,
+        default=defaults.retry_delay,
+        help="seconds before the second attempt; doubles after each failure",
+    )
+    parser.add_argument(
+        "--quiet", action="store_true", help="print only round results and the end"
+    )
+    return parser
+
+
+def parse_client_args(
+    prog: str, description: str, argv: list[str] | None = None
+) -> ClientConfig:
+    args = client_parser(prog, description).parse_args(argv)
+    return ClientConfig(
+        host=args.host,
+        port=args.port,
+        client_id=args.client_id,
+        io_timeout=args.io_timeout,
+        retries=args.retries,
+        retry_delay=args.retry_delay,
+        max_message_bytes=args.max_message_bytes,
+        quiet=args.quiet,
+    )
+
+
+def as_dict(config: Any) -> dict[str, Any]:
+    """A config as plain values, for logging and checkpoints."""
+    return {
+        k: (str(v) if isinstance(v, os.PathLike) else v)
+        for k, v in dataclasses.asdict(config).items()
+    }
+
+
+def configure_logging(quiet: bool = False) -> None:
+    """Short, timestamped lines on standard error for the console scripts."""
+    import logging
+
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(asctime)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
