@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import time
 from typing import Any
 
 import numpy as np
 
-from common import protocol
+from common import protocol, security
 from common.config import ClientConfig, GAConfig
 
 log = logging.getLogger("fedga.client")
@@ -66,15 +67,17 @@ class LocalTrainer:
 _GA_FIELDS = set(GAConfig.__dataclass_fields__)
 
 
-def connect(config: ClientConfig) -> socket.socket:
-    """Connect to the server, retrying with a doubling delay."""
+def connect(config: ClientConfig) -> protocol.Connection:
+    """Connect to the server, retrying with a doubling delay, then secure the
+    connection as configured."""
     delay = config.retry_delay
     attempts = max(1, config.retries)
     for attempt in range(1, attempts + 1):
         try:
-            return socket.create_connection(
+            sock = socket.create_connection(
                 (config.host, config.port), timeout=config.io_timeout
             )
+            return secure(sock, config)
         except OSError as exc:
             if attempt == attempts:
                 raise ClientError(
@@ -89,6 +92,27 @@ def connect(config: ClientConfig) -> socket.socket:
             time.sleep(delay)
             delay *= 2
     raise AssertionError("unreachable")
+
+
+def secure(sock: socket.socket, config: ClientConfig) -> protocol.Connection:
+    """Wrap in TLS and run the secret handshake, when configured; a failure
+    is a ClientError (retrying would not help)."""
+    try:
+        if config.tls_ca is not None:
+            context = security.client_tls_context(config.tls_ca)
+            sock = context.wrap_socket(sock, server_hostname=config.host)
+        if config.secret_file is None:
+            return sock
+        secret = security.load_secret(config.secret_file)
+        return security.client_handshake(sock, secret, config.io_timeout)
+    except ssl.SSLCertVerificationError as exc:
+        sock.close()
+        raise ClientError(
+            f"the server's TLS certificate does not verify: {exc.verify_message}"
+        ) from None
+    except (ssl.SSLError, protocol.ProtocolError) as exc:
+        sock.close()
+        raise ClientError(f"cannot set up a secure connection: {exc}") from None
 
 
 def run_client(config: ClientConfig, inputs: np.ndarray, labels: np.ndarray) -> int:

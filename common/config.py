@@ -79,6 +79,11 @@ class ServerConfig:
     # Largest frame accepted, in bytes.
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     ga: GAConfig = field(default_factory=GAConfig)
+    # File holding the secret every client must prove it knows; None: no check.
+    secret_file: Path | None = None
+    # TLS certificate chain and private key; None: plain TCP.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,11 @@ class ClientConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     # Only lines about rounds and the end, no progress within a round.
     quiet: bool = False
+    # File holding the secret shared with the server; None: no handshake.
+    secret_file: Path | None = None
+    # CA certificate that the server's TLS certificate must verify against;
+    # None: plain TCP.
+    tls_ca: Path | None = None
 
 
 def derive_seed(seed: int, client_id: str, round_number: int) -> int:
@@ -147,6 +157,13 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _readable_file(text: str) -> Path:
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text} is not a readable file")
+    return path
+
+
 def _add_connection_arguments(parser: argparse.ArgumentParser, port_help: str) -> None:
     parser.add_argument("--host", default=DEFAULT_HOST, help="server address")
     parser.add_argument("--port", type=_port, default=DEFAULT_PORT, help=port_help)
@@ -161,6 +178,13 @@ def _add_connection_arguments(parser: argparse.ArgumentParser, port_help: str) -
         type=_positive_int,
         default=DEFAULT_MAX_MESSAGE_BYTES,
         help="largest message accepted, in bytes",
+    )
+    parser.add_argument(
+        "--secret-file",
+        type=_readable_file,
+        default=None,
+        help="file with a secret shared by the server and its clients (at least "
+        "16 bytes); every connection must prove it knows it",
     )
 
 
@@ -247,7 +271,27 @@ def server_parser() -> argparse.ArgumentParser:
         default=defaults.round_timeout,
         help="seconds a round may take; late clients count as failures",
     )
+    parser.add_argument(
+        "--tls-cert",
+        type=_readable_file,
+        default=None,
+        help="TLS certificate chain (PEM); with --tls-key, clients must use TLS",
+    )
+    parser.add_argument(
+        "--tls-key", type=_readable_file, default=None, help="TLS private key (PEM)"
+    )
     return parser
+
+
+def _check_secret(parser: argparse.ArgumentParser, path: Path | None) -> None:
+    """Exit 2 now, rather than at the first connection, for an unusable secret."""
+    from common.security import SecretError, load_secret
+
+    if path is not None:
+        try:
+            load_secret(path)
+        except SecretError as exc:
+            parser.error(str(exc))
 
 
 def parse_server_args(argv: list[str] | None = None) -> ServerConfig:
@@ -259,6 +303,9 @@ def parse_server_args(argv: list[str] | None = None) -> ServerConfig:
             f"--parents-mating ({args.parents_mating}) cannot exceed "
             f"--solutions ({args.solutions})"
         )
+    _check_secret(parser, args.secret_file)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
     out = getattr(args, "out", None)
     if out is not None and out.exists() and not out.is_dir():
         parser.error(f"--out {out} exists and is not a folder")
@@ -283,6 +330,9 @@ def parse_server_args(argv: list[str] | None = None) -> ServerConfig:
         io_timeout=args.io_timeout,
         max_message_bytes=args.max_message_bytes,
         ga=ga,
+        secret_file=args.secret_file,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
     )
 
 
@@ -312,13 +362,22 @@ def client_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--quiet", action="store_true", help="print only round results and the end"
     )
+    parser.add_argument(
+        "--tls-ca",
+        type=_readable_file,
+        default=None,
+        help="CA certificate (PEM): connect with TLS and refuse a server whose "
+        "certificate does not verify against it",
+    )
     return parser
 
 
 def parse_client_args(
     prog: str, description: str, argv: list[str] | None = None
 ) -> ClientConfig:
-    args = client_parser(prog, description).parse_args(argv)
+    parser = client_parser(prog, description)
+    args = parser.parse_args(argv)
+    _check_secret(parser, args.secret_file)
     return ClientConfig(
         host=args.host,
         port=args.port,
@@ -328,6 +387,8 @@ def parse_client_args(
         retry_delay=args.retry_delay,
         max_message_bytes=args.max_message_bytes,
         quiet=args.quiet,
+        secret_file=args.secret_file,
+        tls_ca=args.tls_ca,
     )
 
 

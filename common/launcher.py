@@ -63,18 +63,23 @@ class Process:
         with self._changed:
             return "\n".join(self.lines)
 
-    def wait_for_line(self, pattern: str | re.Pattern, timeout: float) -> re.Match:
-        """The first output line matching ``pattern``; TimeoutError when none
-        has come after ``timeout`` seconds or the process has ended."""
+    def wait_for_line(
+        self, pattern: str | re.Pattern, timeout: float, count: int = 1
+    ) -> re.Match:
+        """The ``count``-th output line matching ``pattern``; TimeoutError when
+        it has not come after ``timeout`` seconds or the process has ended."""
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
         seen = 0
+        found = 0
         with self._changed:
             while True:
                 for line in self.lines[seen:]:
                     match = regex.search(line)
                     if match:
-                        return match
+                        found += 1
+                        if found == count:
+                            return match
                 seen = len(self.lines)
                 remaining = deadline - time.monotonic()
                 finished = not self._reader.is_alive()

@@ -31,6 +31,8 @@ threads at once.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import io
 import math
 import pickle
@@ -356,60 +358,150 @@ CLIENT_TO_SERVER = {
 SERVER_TO_CLIENT = {"model": check_model_task, "done": check_done, "error": check_error}
 
 
-# Sockets ---------------------------------------------------------------------
+# Connections -----------------------------------------------------------------
+
+# With a shared secret, every frame's payload ends with an HMAC-SHA256 tag of
+# the direction, the frame's sequence number and the payload, under the
+# session key that the handshake in common/security.py agreed.
+TAG_BYTES = 32
+# A server that requires a secret opens the connection with a frame that
+# starts with this, instead of waiting for echo.
+AUTH_MAGIC = b"fedga-auth-1:"
+
+
+class AuthenticationError(ProtocolError):
+    """The peer did not prove knowledge of the shared secret, or a frame's
+    tag does not verify (altered, replayed, reordered or forged)."""
+
+
+class Channel:
+    """One connection's stream of frames.
+
+    Without a key, a frame is the length and the payload. With a session key,
+    the payload carries a tag that binds it to its direction and position,
+    and a frame whose tag does not verify is refused before it is decoded.
+    """
+
+    def __init__(
+        self, sock: socket.socket, key: bytes | None = None, role: str = "client"
+    ):
+        self.sock = sock
+        self.key = key
+        self._send_label = b"C" if role == "client" else b"S"
+        self._recv_label = b"S" if role == "client" else b"C"
+        self._sent = 0
+        self._received = 0
+
+    def __enter__(self) -> Channel:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def _tag(self, label: bytes, number: int, body: bytes) -> bytes:
+        assert self.key is not None
+        message = label + number.to_bytes(8, "big") + body
+        return hmac.new(self.key, message, hashlib.sha256).digest()
+
+    def write_frame(self, body: bytes, timeout: float) -> None:
+        if self.key is not None:
+            body += self._tag(self._send_label, self._sent, body)
+            self._sent += 1
+        try:
+            self.sock.settimeout(timeout)
+            self.sock.sendall(frame(body))
+        except TimeoutError:
+            raise MessageTimeout(
+                f"peer did not take the message within {timeout:g}s"
+            ) from None
+        except OSError as exc:
+            raise ConnectionClosed(f"connection lost while sending: {exc}") from None
+
+    def read_frame(
+        self, max_bytes: int, io_timeout: float, idle_timeout: float | None = None
+    ) -> bytes:
+        """One frame's payload, its tag checked and removed.
+
+        Waits up to ``idle_timeout`` (default ``io_timeout``) for the frame to
+        start, then up to ``io_timeout`` for the rest of it; refuses a length
+        over ``max_bytes`` (plus the tag) before reading the payload.
+        """
+        overhead = TAG_BYTES if self.key is not None else 0
+        idle = io_timeout if idle_timeout is None else idle_timeout
+        first = _recv_exactly(
+            self.sock, 1, time.monotonic() + idle, "waiting for a message"
+        )
+        deadline = time.monotonic() + io_timeout
+        header = first + _recv_exactly(self.sock, 3, deadline, "in a header")
+        (length,) = HEADER.unpack(header)
+        if length > max_bytes + overhead:
+            raise FrameTooLarge(
+                f"frame of {length} bytes is over the {max_bytes}-byte limit"
+            )
+        if length <= overhead:
+            raise InvalidMessage("empty frame")
+        payload = _recv_exactly(self.sock, length, deadline, "in a message")
+        if self.key is None:
+            return payload
+        body, tag = payload[:-TAG_BYTES], payload[-TAG_BYTES:]
+        expected = self._tag(self._recv_label, self._received, body)
+        if not hmac.compare_digest(tag, expected):
+            raise AuthenticationError(
+                "frame failed authentication (altered, replayed or forged)"
+            )
+        self._received += 1
+        return body
+
+
+Connection = socket.socket | Channel
+
+
+def _channel(conn: Connection) -> Channel:
+    return conn if isinstance(conn, Channel) else Channel(conn)
 
 
 def send_message(
-    sock: socket.socket, subject: str, data: Mapping[str, Any], timeout: float
+    conn: Connection, subject: str, data: Mapping[str, Any], timeout: float
 ) -> None:
     """Send one framed message; a peer that does not read within ``timeout``
     seconds raises MessageTimeout."""
-    send_payload(sock, encode(subject, data), timeout)
+    send_payload(conn, encode(subject, data), timeout)
 
 
-def send_payload(sock: socket.socket, payload: bytes, timeout: float) -> None:
+def send_payload(conn: Connection, payload: bytes, timeout: float) -> None:
     """Send an already encoded payload (used to encode once, send to many)."""
-    try:
-        sock.settimeout(timeout)
-        sock.sendall(frame(payload))
-    except TimeoutError:
-        raise MessageTimeout(
-            f"peer did not take the message within {timeout:g}s"
-        ) from None
-    except OSError as exc:
-        raise ConnectionClosed(f"connection lost while sending: {exc}") from None
+    _channel(conn).write_frame(payload, timeout)
 
 
-def send_error(sock: socket.socket, reason: str, timeout: float = 2.0) -> None:
+def send_error(conn: Connection, reason: str, timeout: float = 2.0) -> None:
     """Tell the peer why it is being dropped; never raises."""
     with contextlib.suppress(ProtocolError):
-        send_message(sock, "error", {"reason": reason[:MAX_REASON_CHARS]}, timeout)
+        send_message(conn, "error", {"reason": reason[:MAX_REASON_CHARS]}, timeout)
 
 
 def recv_message(
-    sock: socket.socket,
+    conn: Connection,
     schema: Mapping[str, Callable[[dict], None]],
     *,
     max_bytes: int,
     io_timeout: float,
     idle_timeout: float | None = None,
 ) -> Message:
-    """Read and decode one message.
+    """Read, authenticate (on a keyed channel) and decode one message.
 
     Waits up to ``idle_timeout`` (default ``io_timeout``) for the frame to
     start and then up to ``io_timeout`` for the rest of it.
     """
-    idle = io_timeout if idle_timeout is None else idle_timeout
-    first = _recv_exactly(sock, 1, time.monotonic() + idle, "waiting for a message")
-    deadline = time.monotonic() + io_timeout
-    (length,) = HEADER.unpack(first + _recv_exactly(sock, 3, deadline, "in a header"))
-    if length > max_bytes:
-        raise FrameTooLarge(
-            f"frame of {length} bytes is over the {max_bytes}-byte limit"
+    channel = _channel(conn)
+    payload = channel.read_frame(max_bytes, io_timeout, idle_timeout)
+    if channel.key is None and payload.startswith(AUTH_MAGIC):
+        raise AuthenticationError(
+            "the server requires a shared secret; give --secret-file"
         )
-    if length == 0:
-        raise InvalidMessage("empty frame")
-    payload = _recv_exactly(sock, length, deadline, "in a message")
     return decode(payload, schema)
 
 

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import ipaddress
 import logging
 import os
 import queue
 import socket
 import socketserver
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from common import protocol
+from common import protocol, security
 from common.aggregation import AGGREGATORS, ServerOptimizer
 from common.config import ServerConfig, as_dict, derive_seed
 from common.data import XOR_INPUTS, XOR_LABELS
@@ -118,10 +120,11 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         federation = self.server.federation
         config = federation.config
-        sock: socket.socket = self.request
+        sock: protocol.Connection = self.request
         peer = "{}:{}".format(*self.client_address[:2])
         session = None
         try:
+            sock = self.secure(sock)
             session = self.greet(sock, peer)
             while True:
                 task = session.tasks.get()
@@ -133,13 +136,33 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
                 task.results.put(self.run_task(sock, session, task))
         except protocol.ProtocolError as exc:
             log.warning("dropped %s (%s): %s", peer, _client_name(session), exc)
-            if not isinstance(exc, (protocol.ConnectionClosed, protocol.PeerError)):
+            quiet = (
+                protocol.ConnectionClosed,
+                protocol.PeerError,
+                protocol.AuthenticationError,
+            )
+            if not isinstance(exc, quiet):
                 protocol.send_error(sock, str(exc))
         finally:
             if session is not None:
                 federation.unregister(session)
 
-    def greet(self, sock: socket.socket, peer: str) -> ClientSession:
+    def secure(self, sock: socket.socket) -> protocol.Connection:
+        """Finish the TLS handshake and the secret handshake, when enabled."""
+        timeout = self.server.federation.config.io_timeout
+        if isinstance(sock, ssl.SSLSocket):
+            try:
+                sock.settimeout(timeout)
+                sock.do_handshake()
+            except (OSError, ssl.SSLError) as exc:
+                raise protocol.AuthenticationError(
+                    f"TLS handshake failed: {exc}"
+                ) from None
+        if self.server.secret is None:
+            return sock
+        return security.server_handshake(sock, self.server.secret, timeout)
+
+    def greet(self, sock: protocol.Connection, peer: str) -> ClientSession:
         config = self.server.federation.config
         hello = protocol.recv_message(
             sock,
@@ -156,7 +179,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         return session
 
     def run_task(
-        self, sock: socket.socket, session: ClientSession, task: RoundTask
+        self, sock: protocol.Connection, session: ClientSession, task: RoundTask
     ) -> Reply | Failure:
         """Send the round's model and read the reply; a failure to do so is
         reported as a Failure and ends the connection."""
@@ -183,6 +206,9 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
                 answer.data["best_model_weights_vector"]
             )
         except protocol.ProtocolError as exc:
+            # Leave the registry before reporting, so that the next round
+            # never hands a task to this finished connection.
+            self.server.federation.unregister(session)
             task.results.put(Failure(session.client_id, str(exc)))
             raise
         return Reply(
@@ -202,9 +228,26 @@ class FederationTCPServer(socketserver.ThreadingTCPServer):
 
     def __init__(self, federation: Federation):
         self.federation = federation
-        super().__init__(
-            (federation.config.host, federation.config.port), ConnectionHandler
+        config = federation.config
+        self.secret = (
+            security.load_secret(config.secret_file) if config.secret_file else None
         )
+        self.tls = (
+            security.server_tls_context(config.tls_cert, config.tls_key)
+            if config.tls_cert and config.tls_key
+            else None
+        )
+        super().__init__((config.host, config.port), ConnectionHandler)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, address = super().get_request()
+        if self.tls is not None:
+            # The TLS handshake runs in the connection's thread (secure), so a
+            # slow peer cannot stall the accept loop.
+            sock = self.tls.wrap_socket(
+                sock, server_side=True, do_handshake_on_connect=False
+            )
+        return sock, address
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.exception("unexpected error with %s:%s", *client_address[:2])
@@ -278,6 +321,14 @@ class Federation:
         )
         thread.start()
         log.info("listening on %s:%s", host, port)
+        exposed = not ipaddress.ip_address(host).is_loopback
+        if exposed and self.tcp_server.secret is None and self.tcp_server.tls is None:
+            log.warning(
+                "listening beyond loopback with neither --secret-file nor TLS: "
+                "anyone who can reach %s:%s can join and send updates",
+                host,
+                port,
+            )
         return host, port
 
     def run(self) -> int:
