@@ -24,8 +24,12 @@ Reads have deadlines: ``recv_message`` waits at most ``idle_timeout`` for a
 frame to start and at most ``io_timeout`` for a started frame to finish, and
 checks the length against ``max_bytes`` before reading the payload.
 
-Nothing here holds state between calls; one socket must not be read by two
-threads at once.
+A ``Channel`` wraps a connected socket; with a session key (agreed by the
+handshake in ``common.security``) it adds an HMAC tag to every frame it sends
+and checks the tag of every frame it reads before anything is decoded. The
+module-level ``send_*``/``recv_message`` functions take a plain socket or a
+channel. A channel counts its frames, so one connection must not be read (or
+written) by two threads at once.
 """
 
 from __future__ import annotations
