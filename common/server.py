@@ -225,6 +225,9 @@ class FederationTCPServer(socketserver.ThreadingTCPServer):
     # socketserver keeps every handler thread to join them at close; a long
     # run with many reconnects would hold them all, so it does not.
     block_on_close = False
+    # Many clients may connect at once; the default backlog of 5 would make
+    # the kernel drop and retransmit their connection requests.
+    request_queue_size = 1024
 
     def __init__(self, federation: Federation):
         self.federation = federation

@@ -82,10 +82,23 @@ class PopulationScorer:
         self._trainable = [position[id(v)] for v in model.trainable_variables]
         self._non_trainable = [position[id(v)] for v in model.non_trainable_variables]
 
-        spec = tf.TensorSpec(shape=(None, self.num_genes), dtype=tf.float32)
+        self._labels = tf.constant(labels, dtype=tf.float32)
+        # XLA compiles one program per batch size; batches are padded to the
+        # largest size seen, so that a GA run compiles once.
+        self._rows = 0
+        self._compile(jit=True)
+
+    def _compile(self, jit: bool) -> None:
+        spec = [tf.TensorSpec(shape=(None, self.num_genes), dtype=tf.float32)]
+        self._jit = jit
+        # Concrete functions: calling them skips tf.function's argument
+        # binding, which costs more than the forward pass of a small model.
         self._predict = tf.function(
-            self._predict_population, input_signature=[spec], jit_compile=False
-        )
+            self._predict_population, input_signature=spec, jit_compile=jit
+        ).get_concrete_function()
+        self._losses = tf.function(
+            self._loss_population, input_signature=spec, jit_compile=jit
+        ).get_concrete_function()
 
     def _predict_population(self, population: tf.Tensor) -> tf.Tensor:
         def predict_one(vector: tf.Tensor) -> tf.Tensor:
@@ -103,15 +116,34 @@ class PopulationScorer:
 
         return tf.vectorized_map(predict_one, population)
 
+    def _loss_population(self, population: tf.Tensor) -> tf.Tensor:
+        probs = tf.clip_by_value(self._predict_population(population), 1e-7, 1 - 1e-7)
+        per_row = -tf.reduce_sum(self._labels * tf.math.log(probs), axis=-1)
+        return tf.reduce_mean(per_row, axis=-1)
+
+    def _run(self, name: str, population: np.ndarray) -> np.ndarray:
+        population = np.atleast_2d(np.asarray(population, dtype=np.float32))
+        rows = len(population)
+        self._rows = max(self._rows, rows)
+        padded = np.zeros((self._rows, self.num_genes), dtype=np.float32)
+        padded[:rows] = population
+        try:
+            return getattr(self, name)(tf.constant(padded)).numpy()[:rows]
+        except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError):
+            if not self._jit:
+                raise
+            # Some layers have no XLA kernel; the plain graph is slower but
+            # runs everything.
+            self._compile(jit=False)
+            return getattr(self, name)(tf.constant(padded)).numpy()[:rows]
+
     def predict(self, population: np.ndarray) -> np.ndarray:
         """Model outputs for each solution: shape (solutions, rows, outputs)."""
-        population = np.atleast_2d(np.asarray(population, dtype=np.float32))
-        return self._predict(tf.constant(population)).numpy()
+        return self._run("_predict", population)
 
     def losses(self, population: np.ndarray) -> np.ndarray:
         """Categorical cross-entropy of each solution on the data."""
-        probs = np.clip(self.predict(population).astype(np.float64), 1e-7, 1 - 1e-7)
-        return np.mean(-np.sum(self.labels * np.log(probs), axis=-1), axis=-1)
+        return self._run("_losses", population).astype(np.float64)
 
     def evaluate(self, vector: np.ndarray) -> tuple[float, float]:
         """Loss and accuracy of one weights vector on the data."""
