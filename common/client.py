@@ -59,8 +59,6 @@ class LocalTrainer:
         if [tuple(w.shape) for w in weights] != shapes:
             raise protocol.InvalidMessage("weights do not fit the model's shapes")
         settings = GAConfig(**{k: v for k, v in task["ga"].items() if k in _GA_FIELDS})
-        if settings.num_parents_mating > settings.num_solutions:
-            raise protocol.InvalidMessage("GA asks for more parents than solutions")
         return training.train_locally(self.scorer, weights, settings, on_generation)
 
 
@@ -183,6 +181,13 @@ def reply_to_model(
         protocol.send_error(sock, f"model refused: {exc}")
         raise ClientError(
             f"{config.client_id} refused the server's model: {exc}"
+        ) from None
+    except protocol.InvalidMessage:
+        raise
+    except Exception as exc:  # PyGAD and Keras raise many types for bad input
+        protocol.send_error(sock, f"cannot train the model: {exc}")
+        raise ClientError(
+            f"{config.client_id} cannot train the server's model: {exc}"
         ) from None
     protocol.send_message(
         sock,

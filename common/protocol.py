@@ -326,6 +326,20 @@ def check_model_task(data: dict) -> None:
     for key in ("num_generations", "num_solutions", "num_parents_mating"):
         _require_count(ga, key, 1, 1_000_000)
     _require_count(ga, "seed", 0, 2**32 - 1)
+    if ga["num_parents_mating"] > ga["num_solutions"]:
+        raise InvalidMessage("'num_parents_mating' exceeds 'num_solutions'")
+    # Optional settings: checked when present, defaults otherwise.
+    if "keep_elitism" in ga:
+        _require_count(ga, "keep_elitism", 0, ga["num_solutions"])
+    for key, low, high in (
+        ("mutation_percent_genes", 0.0, 100.0),
+        ("mutation_range", 0.0, 1e6),
+        ("init_range", 0.0, 1e6),
+    ):
+        if key in ga:
+            value = _require(ga, key, (int, float))
+            if not low <= value <= high:
+                raise InvalidMessage(f"{key!r} must be in [{low}, {high}]")
 
 
 def check_model_reply(data: dict) -> None:

@@ -214,3 +214,21 @@ def test_bad_weights_in_a_reply_are_refused(vector, message):
     payload = pickle.dumps({"subject": "model", "data": model_reply(vector)})
     with pytest.raises((protocol.DecodeError, protocol.InvalidMessage), match=message):
         protocol.decode(payload, protocol.CLIENT_TO_SERVER)
+
+
+@pytest.mark.parametrize(
+    "ga_change, message",
+    [
+        ({"num_parents_mating": 9}, "exceeds 'num_solutions'"),
+        ({"keep_elitism": 99}, "must be in"),
+        ({"mutation_range": "wide"}, "must be int or float"),
+        ({"mutation_percent_genes": 150.0}, "must be in"),
+        ({"seed": -1}, "must be in"),
+    ],
+)
+def test_ga_settings_out_of_range_are_refused(ga_change, message):
+    task = model_task()
+    task["ga"].update(ga_change)
+    payload = pickle.dumps({"subject": "model", "data": task})
+    with pytest.raises(protocol.InvalidMessage, match=message):
+        protocol.decode(payload, protocol.SERVER_TO_CLIENT)
