@@ -79,6 +79,11 @@ class ServerConfig:
     # Largest frame accepted, in bytes.
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     ga: GAConfig = field(default_factory=GAConfig)
+    # Replies a round needs to count; with fewer the global model stays as it
+    # was and the round is tried again once enough clients are connected.
+    min_fit_clients: int = 2
+    # Continue from the checkpoint in ``out`` instead of starting at round 1.
+    resume: bool = False
 
 
 @dataclass(frozen=True)
@@ -94,8 +99,9 @@ class ClientConfig:
     # Seconds to wait for the server's next message (it may be waiting for
     # other clients to finish their round).
     idle_timeout: float = 3600.0
-    # Connection attempts before giving up, and the first pause between them.
-    retries: int = 5
+    # Connection attempts before giving up, and the first pause between them;
+    # the pause doubles, so the defaults give up after about 31 seconds.
+    retries: int = 6
     retry_delay: float = 1.0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     # Only lines about rounds and the end, no progress within a round.
@@ -247,6 +253,17 @@ def server_parser() -> argparse.ArgumentParser:
         default=defaults.round_timeout,
         help="seconds a round may take; late clients count as failures",
     )
+    parser.add_argument(
+        "--min-fit-clients",
+        type=_positive_int,
+        default=defaults.min_fit_clients,
+        help="replies a round needs to count; with fewer it is tried again",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the checkpoint in --out (which is then required)",
+    )
     return parser
 
 
@@ -262,6 +279,8 @@ def parse_server_args(argv: list[str] | None = None) -> ServerConfig:
     out = getattr(args, "out", None)
     if out is not None and out.exists() and not out.is_dir():
         parser.error(f"--out {out} exists and is not a folder")
+    if args.resume and out is None:
+        parser.error("--resume needs the --out folder of the run to continue")
     ga = dataclasses.replace(
         GAConfig(),
         num_generations=args.generations,
@@ -283,6 +302,8 @@ def parse_server_args(argv: list[str] | None = None) -> ServerConfig:
         io_timeout=args.io_timeout,
         max_message_bytes=args.max_message_bytes,
         ga=ga,
+        min_fit_clients=args.min_fit_clients,
+        resume=args.resume,
     )
 
 
