@@ -79,6 +79,10 @@ EXIT_TERMINATED = 143
 # Longest pause of any wait before it looks again at stop requests, departed
 # clients and deadlines.
 POLL_SECONDS = 0.25
+# Most seconds the end of a run waits for clients to take ``done`` and close
+# (less when --io-timeout is shorter); a client that is training stops after
+# its current generation, so this is ample.
+GOODBYE_SECONDS = 5.0
 HISTORY_FIELDS = ["round", "accuracy", "loss", "clients", "failures", "seconds"]
 
 
@@ -159,7 +163,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
                     return
                 if isinstance(task, DoneTask):
                     protocol.send_payload(sock, task.payload, config.io_timeout)
-                    _wait_for_close(sock, config.io_timeout)
+                    _wait_for_close(sock, min(config.io_timeout, GOODBYE_SECONDS))
                     return
                 task.results.put(self.run_task(sock, session, task))
         except protocol.ProtocolError as exc:
@@ -534,6 +538,12 @@ class Federation:
             failures[client_id] = Failure(
                 client_id, "no reply before the round deadline"
             )
+
+        # A failed client's connection is ending; do not count it for the
+        # next round while its thread is still closing it.
+        by_id = {s.client_id: s for s in sessions}
+        for client_id in failures:
+            self.unregister(by_id[client_id])
         return list(replies.values()), list(failures.values())
 
     def finish(self, reason: str) -> None:
@@ -559,8 +569,8 @@ class Federation:
         )
 
     def wait_for_goodbyes(self, sessions: list[ClientSession]) -> None:
-        """Give the connection threads up to io_timeout to send ``done``."""
-        deadline = time.monotonic() + self.config.io_timeout
+        """Give the clients a few seconds to take ``done`` and close."""
+        deadline = time.monotonic() + min(self.config.io_timeout, GOODBYE_SECONDS)
         with self.changed:
             while any(self.sessions.get(s.client_id) is s for s in sessions):
                 remaining = deadline - time.monotonic()
