@@ -89,13 +89,11 @@ class FakeClient:
         self.sock.close()
 
 
-def test_a_killed_client_is_a_failure_the_rest_go_on_and_it_rejoins_later(tmp_path):
-    """kill -9 of client2 in the middle of round 1: the round counts with
-    client1 alone (--min-fit-clients 1), the next rounds too, and once client2
-    is started again training reaches the target."""
-    server, port = start_server(
-        "--out", str(tmp_path), "--min-clients", "1", "--min-fit-clients", "1"
-    )
+def test_a_killed_client_is_a_failure_and_training_ends_once_it_is_back(tmp_path):
+    """kill -9 of client2 in the middle of round 1: the server logs the
+    failure, round 1 does not count (one reply, two needed), and once client2
+    is started again round 1 runs again and training reaches the target."""
+    server, port = start_server("--out", str(tmp_path))
     client1 = start_client("client1.py", port)
     client2 = start_client("client2.py", port)
     restarted = None
@@ -104,10 +102,10 @@ def test_a_killed_client_is_a_failure_the_rest_go_on_and_it_rejoins_later(tmp_pa
         client2.wait_for_line(r"\[ROUND 1\] training", TIMEOUT)
         client2.popen.kill()
         server.wait_for_line(r"\[ROUND 1\] client2 failed", TIMEOUT)
-        server.wait_for_line(r"\[ROUND 1\] accuracy .* clients 1/2", TIMEOUT)
-        server.wait_for_line(r"\[ROUND 2\] accuracy .* clients 1/1", TIMEOUT)
+        server.wait_for_line(r"\[ROUND 1\] 1 repl.* not counted", TIMEOUT)
+        server.wait_for_line(r"waiting for 1 more client", TIMEOUT)
 
-        # Started again, client2 joins the next round and training finishes.
+        # Started again, client2 takes part and training finishes.
         restarted = start_client("client2.py", port)
         assert server.wait(TIMEOUT) == 0, server.output
         assert client1.wait(60) == 0
@@ -118,8 +116,8 @@ def test_a_killed_client_is_a_failure_the_rest_go_on_and_it_rejoins_later(tmp_pa
     assert "target accuracy reached" in server.output
     rows = history(tmp_path)
     assert [int(r["round"]) for r in rows] == list(range(1, len(rows) + 1))
-    assert rows[0]["clients"] == "1" and rows[0]["failures"] == "1"
-    assert int(rows[-1]["clients"]) == 2
+    assert rows[0]["failures"] == "1"
+    assert all(r["clients"] == "2" for r in rows)
 
 
 def test_a_silent_client_ends_the_round_at_its_deadline_and_the_round_reruns(
@@ -223,9 +221,7 @@ def test_a_killed_server_resumes_and_the_clients_rejoin_by_themselves(tmp_path):
 def test_sigterm_sends_done_to_training_clients_and_stops_promptly(tmp_path):
     """SIGTERM while clients train: they stop, receive done and exit 0; the
     server writes its checkpoint and exits 143 within a few seconds."""
-    server, port = start_server(
-        "--out", str(tmp_path), "--generations", "1500", "--target-accuracy", "1"
-    )
+    server, port = start_server("--out", str(tmp_path), "--generations", "1000")
     clients = [start_client(name, port) for name in ("client1.py", "client2.py")]
     try:
         server.wait_for_line(r"\[ROUND 1\] accuracy", TIMEOUT)
