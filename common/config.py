@@ -322,7 +322,8 @@ def client_parser(prog: str, description: str) -> argparse.ArgumentParser:
         "--retries",
         type=int,
         default=defaults.retries,
-        help="connection attempts before giving up",
+        help="connection attempts in a row before giving up, at start or after "
+        "losing the server",
     )
     parser.add_argument(
         "--retry-delay",
