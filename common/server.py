@@ -328,6 +328,12 @@ class Federation:
                 del self.sessions[session.client_id]
                 self.changed.notify_all()
 
+    def drop(self, session: ClientSession) -> None:
+        """Forget a session and tell its thread to close the connection once
+        it is done with its current task."""
+        self.unregister(session)
+        session.tasks.put(None)
+
     def is_connected(self, session: ClientSession) -> bool:
         with self.changed:
             return self.sessions.get(session.client_id) is session
@@ -539,11 +545,11 @@ class Federation:
                 client_id, "no reply before the round deadline"
             )
 
-        # A failed client's connection is ending; do not count it for the
-        # next round while its thread is still closing it.
+        # Drop the failed clients now: a client that missed the deadline
+        # must not be counted for the next round, nor be left waiting.
         by_id = {s.client_id: s for s in sessions}
         for client_id in failures:
-            self.unregister(by_id[client_id])
+            self.drop(by_id[client_id])
         return list(replies.values()), list(failures.values())
 
     def finish(self, reason: str) -> None:
@@ -738,16 +744,18 @@ def serve(config: ServerConfig) -> int:
     """
     federation = Federation(config)
 
+    exit_codes = {signal.SIGINT: EXIT_INTERRUPTED, signal.SIGTERM: EXIT_TERMINATED}
+
     def on_signal(signum: int, frame: Any) -> None:
         if signum == signal.SIGINT and federation.stopping.is_set():
             raise KeyboardInterrupt
         name = signal.Signals(signum).name
-        federation.request_stop(f"server stopped by {name}", 128 + signum)
+        federation.request_stop(f"server stopped by {name}", exit_codes[signum])
 
     # Signal handlers can only be set from the main thread.
     previous = {}
     if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in exit_codes:
             previous[signum] = signal.signal(signum, on_signal)
     try:
         return federation.run()
