@@ -109,3 +109,21 @@ def test_only_settings_that_change_the_result_block_a_resume():
         "seed",
         "ga",
     ]
+
+
+def test_resume_needs_out_and_refuses_a_checkpoint_of_other_settings(tmp_path):
+    from common.config import ServerConfig, as_dict, parse_server_args
+    from common.server import EXIT_BAD_SETTINGS, serve
+
+    with pytest.raises(SystemExit) as exited:
+        parse_server_args(["--resume"])
+    assert exited.value.code == 2
+
+    # A checkpoint written by a run with --seed 0, resumed with --seed 1.
+    written = ServerConfig(out=tmp_path, seed=0)
+    state = make_checkpoint(2)
+    state.settings = as_dict(written)
+    checkpoint.save(checkpoint.checkpoint_path(tmp_path), state)
+    resumed = ServerConfig(out=tmp_path, seed=1, port=0, resume=True)
+    assert serve(resumed) == EXIT_BAD_SETTINGS
+    assert checkpoint.load(checkpoint.checkpoint_path(tmp_path)).round == 2
