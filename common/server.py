@@ -438,9 +438,9 @@ class Federation:
         if len(replies) < self.config.min_fit_clients:
             self.earlier_failures += len(failures)
             log.warning(
-                "[ROUND %d] %d repl(ies) of %d, %d needed: not counted, global "
-                "model unchanged; the round runs again when enough clients "
-                "are connected",
+                "[ROUND %d] %d of %d client(s) replied, %d needed: not counted, "
+                "global model unchanged; the round runs again when enough "
+                "clients are connected",
                 round_number,
                 len(replies),
                 len(sessions),

@@ -104,7 +104,7 @@ def test_a_killed_client_is_a_failure_and_training_ends_once_it_is_back(tmp_path
         client2.wait_for_line(r"\[ROUND 1\] training", TIMEOUT)
         client2.popen.kill()
         server.wait_for_line(r"\[ROUND 1\] client2 failed", TIMEOUT)
-        server.wait_for_line(r"\[ROUND 1\] 1 repl.* not counted", TIMEOUT)
+        server.wait_for_line(r"\[ROUND 1\] 1 of 2 .* not counted", TIMEOUT)
         server.wait_for_line(r"waiting for 1 more client", TIMEOUT)
 
         # Started again, client2 takes part and training finishes.
@@ -154,7 +154,7 @@ def test_a_silent_client_ends_the_round_at_its_deadline_and_the_round_reruns(
         waited = time.monotonic() - received
         assert waited <= timeout + MARGIN
         server.wait_for_line(r"\[ROUND 1\] silent failed", 10)
-        server.wait_for_line(r"\[ROUND 1\] 1 repl.* not counted", 10)
+        server.wait_for_line(r"\[ROUND 1\] 1 of 2 .* not counted", 10)
         silent.close()
 
         # Back again and replying, it lets round 1 count.
