@@ -9,12 +9,21 @@ examples and a few metrics do.
 TensorFlow is imported only when the first model arrives, so a client that
 cannot reach its server says so at once.
 
+When the connection to the server is lost (the server crashed, restarts, or
+closed without ``done``), ``run_client`` connects again with the same
+retries and backoff and takes part in the next round; the model it was
+training is dropped. While it trains it looks at the socket after every
+generation, so a ``done`` or a closed connection cuts the round short.
+After ``--retries`` attempts in a row without hearing from a server it
+exits 1 with one line.
+
 Run it through ``client1.py`` or ``client2.py`` (see their ``--help``).
 """
 
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import ssl
 import time
@@ -33,6 +42,15 @@ EXIT_FAILED = 1
 
 class ClientError(Exception):
     """The client cannot go on; the message is the one line to show."""
+
+
+class ServerLost(ClientError):
+    """The connection to the server ended without ``done``; connecting
+    again may help. ``heard`` says whether the server had sent anything."""
+
+    def __init__(self, message: str, heard: bool):
+        super().__init__(message)
+        self.heard = heard
 
 
 class LocalTrainer:
@@ -114,20 +132,35 @@ def secure(sock: socket.socket, config: ClientConfig) -> protocol.Connection:
 
 
 def run_client(config: ClientConfig, inputs: np.ndarray, labels: np.ndarray) -> int:
-    """Take part in a federation until the server says done; return the
-    process exit status."""
+    """Take part in a federation until the server says done, reconnecting
+    when the server goes away; return the process exit status."""
     trainer = LocalTrainer(inputs, labels)
-    try:
-        with connect(config) as sock:
-            return session(sock, config, trainer)
-    except ClientError as exc:
-        log.error("%s", exc)
-        return EXIT_FAILED
+    # Sessions in a row that ended before the server sent anything.
+    silent = 0
+    while True:
+        try:
+            with connect(config) as sock:
+                return session(sock, config, trainer)
+        except ServerLost as exc:
+            silent = 0 if exc.heard else silent + 1
+            if silent >= max(1, config.retries):
+                log.error("%s; gave up after %d attempt(s)", exc, silent)
+                return EXIT_FAILED
+            log.warning("%s; connecting again", exc)
+
+            # A server that keeps closing at once gets the same backoff as
+            # one that cannot be reached.
+            if silent:
+                time.sleep(config.retry_delay * 2 ** (silent - 1))
+        except ClientError as exc:
+            log.error("%s", exc)
+            return EXIT_FAILED
 
 
 def session(sock: socket.socket, config: ClientConfig, trainer: LocalTrainer) -> int:
     name = config.client_id
     num_examples = len(trainer.inputs)
+    heard = False
     try:
         protocol.send_message(
             sock,
@@ -150,6 +183,7 @@ def session(sock: socket.socket, config: ClientConfig, trainer: LocalTrainer) ->
                 io_timeout=config.io_timeout,
                 idle_timeout=config.idle_timeout,
             )
+            heard = True
             if message.subject == "done":
                 log.info(
                     "%s done after round %d: %s (accuracy %.2f)",
@@ -162,21 +196,37 @@ def session(sock: socket.socket, config: ClientConfig, trainer: LocalTrainer) ->
             reply_to_model(sock, config, trainer, message.data)
     except protocol.PeerError as exc:
         raise ClientError(f"server refused {name}: {exc}") from None
+    except (protocol.ConnectionClosed, protocol.MessageTimeout) as exc:
+        raise ServerLost(f"{name} lost the server: {exc}", heard) from None
     except protocol.ProtocolError as exc:
-        if not isinstance(exc, protocol.ConnectionClosed):
-            protocol.send_error(sock, str(exc))
+        protocol.send_error(sock, str(exc))
         raise ClientError(f"{name} lost the server: {exc}") from None
 
 
 def reply_to_model(
     sock: socket.socket, config: ClientConfig, trainer: LocalTrainer, task: dict
 ) -> None:
-    """Train on the received model and send back the best weights."""
+    """Train on the received model and send back the best weights, unless
+    the server spoke or left meanwhile: then the round is dropped unsent and
+    the caller reads what the server said."""
     from common.model import ModelRefused
 
     round_number = task["round"]
+    interrupted = False
+
+    def look_at_socket(generation: int, best_fitness: float) -> str | None:
+        nonlocal interrupted
+        interrupted = _readable(sock)
+        return "stop" if interrupted else None
+
+    log.info(
+        "%s [ROUND %d] training for %d generation(s)",
+        config.client_id,
+        round_number,
+        task["ga"]["num_generations"],
+    )
     try:
-        result = trainer.train(task)
+        result = trainer.train(task, on_generation=look_at_socket)
     except ModelRefused as exc:
         protocol.send_error(sock, f"model refused: {exc}")
         raise ClientError(
@@ -189,6 +239,13 @@ def reply_to_model(
         raise ClientError(
             f"{config.client_id} cannot train the server's model: {exc}"
         ) from None
+    if interrupted:
+        log.info(
+            "%s [ROUND %d] the server spoke during training; reply dropped",
+            config.client_id,
+            round_number,
+        )
+        return
     protocol.send_message(
         sock,
         "model",
@@ -209,3 +266,15 @@ def reply_to_model(
         result.accuracy,
         result.seconds,
     )
+
+
+def _readable(conn: protocol.Connection) -> bool:
+    """True when the server has sent something or closed the connection."""
+    sock = protocol.raw_socket(conn)
+    if getattr(sock, "pending", lambda: 0)():
+        return True
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)

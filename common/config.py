@@ -84,6 +84,11 @@ class ServerConfig:
     # TLS certificate chain and private key; None: plain TCP.
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # Replies a round needs to count; with fewer the global model stays as it
+    # was and the round is tried again once enough clients are connected.
+    min_fit_clients: int = 2
+    # Continue from the checkpoint in ``out`` instead of starting at round 1.
+    resume: bool = False
 
 
 @dataclass(frozen=True)
@@ -99,8 +104,9 @@ class ClientConfig:
     # Seconds to wait for the server's next message (it may be waiting for
     # other clients to finish their round).
     idle_timeout: float = 3600.0
-    # Connection attempts before giving up, and the first pause between them.
-    retries: int = 5
+    # Connection attempts before giving up, and the first pause between them;
+    # the pause doubles, so the defaults give up after about 31 seconds.
+    retries: int = 6
     retry_delay: float = 1.0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     # Only lines about rounds and the end, no progress within a round.
@@ -280,6 +286,17 @@ def server_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tls-key", type=_readable_file, default=None, help="TLS private key (PEM)"
     )
+    parser.add_argument(
+        "--min-fit-clients",
+        type=_positive_int,
+        default=defaults.min_fit_clients,
+        help="replies a round needs to count; with fewer it is tried again",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the checkpoint in --out (which is then required)",
+    )
     return parser
 
 
@@ -309,6 +326,8 @@ def parse_server_args(argv: list[str] | None = None) -> ServerConfig:
     out = getattr(args, "out", None)
     if out is not None and out.exists() and not out.is_dir():
         parser.error(f"--out {out} exists and is not a folder")
+    if args.resume and out is None:
+        parser.error("--resume needs the --out folder of the run to continue")
     ga = dataclasses.replace(
         GAConfig(),
         num_generations=args.generations,
@@ -333,6 +352,8 @@ def parse_server_args(argv: list[str] | None = None) -> ServerConfig:
         secret_file=args.secret_file,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        min_fit_clients=args.min_fit_clients,
+        resume=args.resume,
     )
 
 
@@ -351,7 +372,8 @@ def client_parser(prog: str, description: str) -> argparse.ArgumentParser:
         "--retries",
         type=int,
         default=defaults.retries,
-        help="connection attempts before giving up",
+        help="connection attempts in a row before giving up, at start or after "
+        "losing the server",
     )
     parser.add_argument(
         "--retry-delay",

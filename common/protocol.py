@@ -478,6 +478,12 @@ class Channel:
 Connection = socket.socket | Channel
 
 
+def raw_socket(conn: Connection) -> socket.socket:
+    """The socket under a connection, for waiting on it (select, peek); reading
+    messages must go through the channel."""
+    return conn.sock if isinstance(conn, Channel) else conn
+
+
 def _channel(conn: Connection) -> Channel:
     return conn if isinstance(conn, Channel) else Channel(conn)
 

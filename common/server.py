@@ -13,18 +13,40 @@ Threads and what they share:
   ``Failure`` on the round's result queue and goes back to waiting.
 - ``Federation.sessions`` (client_id -> session) is shared by both; the
   ``Federation.changed`` condition and its lock guard it.
+- ``Federation.stopping`` is an event that the SIGTERM and SIGINT handlers set
+  (they run in the main thread and take no lock); every wait of the main
+  thread polls it, so a stop is noticed within ``POLL_SECONDS``.
+
+Robustness, in the order a round meets it:
+
+- A round starts once ``max(min_clients, min_fit_clients)`` clients are
+  connected; a client that joins later takes part from the next round.
+- A client that disconnects or misses the round's deadline is a ``Failure``
+  (who and why). The round counts when at least ``min_fit_clients`` replied;
+  otherwise the global model stays as it was and the same round number is
+  tried again once enough clients are connected.
+- After every counted round the state goes to ``checkpoint.npz`` in
+  ``--out`` (``common.checkpoint``, atomic); ``--resume`` continues from it.
+- A stop signal abandons the running round, writes the checkpoint, sends
+  ``done`` with the reason to every connected client and exits (130 for
+  SIGINT, 143 for SIGTERM).
+- A connection thread notices a client that leaves between rounds within
+  ``POLL_SECONDS`` and ends, so threads and sockets do not pile up.
 
 Run it: ``python server.py --port 0`` (see ``python server.py --help``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
+import io
 import ipaddress
 import logging
-import os
 import queue
+import select
+import signal
 import socket
 import socketserver
 import ssl
@@ -37,7 +59,7 @@ from typing import Any
 
 import numpy as np
 
-from common import protocol, security
+from common import checkpoint, protocol, security
 from common.aggregation import AGGREGATORS, ServerOptimizer
 from common.config import ServerConfig, as_dict, derive_seed
 from common.data import XOR_INPUTS, XOR_LABELS
@@ -52,7 +74,17 @@ from common.model import (
 log = logging.getLogger("fedga.server")
 
 EXIT_TARGET_REACHED = 0
+EXIT_BAD_SETTINGS = 2
 EXIT_ROUNDS_EXHAUSTED = 3
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+# Longest pause of any wait before it looks again at stop requests, departed
+# clients and deadlines.
+POLL_SECONDS = 0.25
+# Most seconds the end of a run waits for clients to take ``done`` and close
+# (less when --io-timeout is shorter); a client that is training stops after
+# its current generation, so this is ample.
+GOODBYE_SECONDS = 5.0
 HISTORY_FIELDS = ["round", "accuracy", "loss", "clients", "failures", "seconds"]
 
 
@@ -68,6 +100,8 @@ class RoundTask:
     payload: bytes
     deadline: float
     results: queue.Queue
+    # Set by the main thread when it abandons the round (a stop request).
+    cancelled: threading.Event
 
 
 @dataclass(frozen=True)
@@ -127,15 +161,22 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             sock = self.secure(sock)
             session = self.greet(sock, peer)
             while True:
-                task = session.tasks.get()
+                task = self.next_task(sock, session)
                 if task is None:
                     return
                 if isinstance(task, DoneTask):
                     protocol.send_payload(sock, task.payload, config.io_timeout)
+                    _wait_for_close(sock, min(config.io_timeout, GOODBYE_SECONDS))
                     return
                 task.results.put(self.run_task(sock, session, task))
         except protocol.ProtocolError as exc:
-            log.warning("dropped %s (%s): %s", peer, _client_name(session), exc)
+            # A client that goes away is ordinary; anything else is worth a look.
+            level = (
+                logging.INFO
+                if isinstance(exc, protocol.ConnectionClosed)
+                else logging.WARNING
+            )
+            log.log(level, "dropped %s (%s): %s", peer, _client_name(session), exc)
             quiet = (
                 protocol.ConnectionClosed,
                 protocol.PeerError,
@@ -178,20 +219,36 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         self.server.federation.register(session)
         return session
 
+    def next_task(
+        self, sock: protocol.Connection, session: ClientSession
+    ) -> RoundTask | DoneTask | None:
+        """The session's next task; ConnectionClosed when the client leaves
+        while it has nothing to do, so that its thread does not linger."""
+        while True:
+            try:
+                return session.tasks.get(timeout=POLL_SECONDS)
+            except queue.Empty:
+                if _peer_closed(sock):
+                    raise protocol.ConnectionClosed("left between rounds") from None
+
     def run_task(
         self, sock: protocol.Connection, session: ClientSession, task: RoundTask
     ) -> Reply | Failure:
         """Send the round's model and read the reply; a failure to do so is
-        reported as a Failure and ends the connection."""
+        reported as a Failure and ends the connection. A round abandoned by
+        the main thread ends the wait without ending the connection."""
         config = self.server.federation.config
         try:
             protocol.send_payload(sock, task.payload, config.io_timeout)
+            if not _wait_for_reply(sock, task):
+                return Failure(session.client_id, "round abandoned by the server")
             answer = protocol.recv_message(
                 sock,
                 protocol.CLIENT_TO_SERVER,
                 max_bytes=config.max_message_bytes,
                 io_timeout=config.io_timeout,
-                idle_timeout=max(0.0, task.deadline - time.monotonic()),
+                # The reply has started; the rest must follow within io_timeout.
+                idle_timeout=config.io_timeout,
             )
             if answer.subject != "model":
                 raise protocol.InvalidMessage(
@@ -259,6 +316,15 @@ class FederationTCPServer(socketserver.ThreadingTCPServer):
 # The round side --------------------------------------------------------------
 
 
+class Stopped(Exception):
+    """A stop signal arrived; the run ends with ``reason`` and ``exit_code``."""
+
+    def __init__(self, reason: str, exit_code: int):
+        super().__init__(reason)
+        self.reason = reason
+        self.exit_code = exit_code
+
+
 class Federation:
     """Owns the global model and runs the rounds."""
 
@@ -275,11 +341,18 @@ class Federation:
         )
         self.history: list[RoundRecord] = []
         self.accuracy = 0.0
+        # Last counted round; the next one to run is round + 1.
         self.round = 0
+        # Failures in attempts of the next round that did not count.
+        self.earlier_failures = 0
 
         self.changed = threading.Condition()
         self.sessions: dict[str, ClientSession] = {}
         self.tcp_server: FederationTCPServer | None = None
+        # Set from a signal handler; read by every wait of the main thread.
+        self.stopping = threading.Event()
+        self.stop_reason = ""
+        self.stop_code = EXIT_INTERRUPTED
 
     # Client registry, shared with the connection threads.
 
@@ -301,6 +374,16 @@ class Federation:
                 del self.sessions[session.client_id]
                 self.changed.notify_all()
 
+    def drop(self, session: ClientSession) -> None:
+        """Forget a session and tell its thread to close the connection once
+        it is done with its current task."""
+        self.unregister(session)
+        session.tasks.put(None)
+
+    def is_connected(self, session: ClientSession) -> bool:
+        with self.changed:
+            return self.sessions.get(session.client_id) is session
+
     def check_vector(self, vector: np.ndarray) -> np.ndarray:
         """The reply's weights as float64, or InvalidMessage when their length
         is not the model's."""
@@ -311,7 +394,20 @@ class Federation:
             )
         return vector.astype(np.float64)
 
-    # The lifecycle: listen, rounds, finish.
+    # Stop requests, from signal handlers in the main thread.
+
+    def request_stop(self, reason: str, exit_code: int) -> None:
+        """Ask the run to end at its next wait; takes no lock, so a signal
+        handler may call it."""
+        if not self.stopping.is_set():
+            self.stop_reason, self.stop_code = reason, exit_code
+            self.stopping.set()
+
+    def check_stop(self) -> None:
+        if self.stopping.is_set():
+            raise Stopped(self.stop_reason, self.stop_code)
+
+    # The lifecycle: restore, listen, rounds, finish.
 
     def listen(self) -> tuple[str, int]:
         self.tcp_server = FederationTCPServer(self)
@@ -338,35 +434,50 @@ class Federation:
         """Run every round; return the exit status."""
         self.out.mkdir(parents=True, exist_ok=True)
         log.info("settings: %s", as_dict(self.config))
+        self.restore()
         log.info("results go to %s", self.out)
         if self.tcp_server is None:
             self.listen()
         try:
-            for round_number in range(self.round + 1, self.config.rounds + 1):
-                self.round = round_number
-                self.run_round(round_number, self.wait_for_clients())
-                if self.accuracy >= self.config.target_accuracy:
-                    self.finish("target accuracy reached")
-                    return EXIT_TARGET_REACHED
-            self.finish("rounds used up")
-            return EXIT_ROUNDS_EXHAUSTED
+            try:
+                code, reason = self.train()
+            except Stopped as stop:
+                log.warning("stopping: %s", stop.reason)
+                self.save_checkpoint()
+                code, reason = stop.exit_code, stop.reason
+            self.finish(reason)
+            return code
         finally:
             self.close()
 
+    def train(self) -> tuple[int, str]:
+        """Run rounds until the target or the round limit; return the exit
+        status and the reason. Raises Stopped on a stop request."""
+        while True:
+            if self.round > 0 and self.accuracy >= self.config.target_accuracy:
+                return EXIT_TARGET_REACHED, "target accuracy reached"
+            if self.round >= self.config.rounds:
+                return EXIT_ROUNDS_EXHAUSTED, "rounds used up"
+            self.run_round(self.round + 1, self.wait_for_clients())
+
     def wait_for_clients(self) -> list[ClientSession]:
-        """Block until ``min_clients`` are connected; return them by id."""
+        """Block until enough clients for a round that can count are
+        connected; return them by id. Raises Stopped on a stop request."""
+        needed = max(self.config.min_clients, self.config.min_fit_clients)
         with self.changed:
             announced = None
-            while len(self.sessions) < self.config.min_clients:
-                missing = self.config.min_clients - len(self.sessions)
+            while len(self.sessions) < needed:
+                missing = needed - len(self.sessions)
                 if missing != announced:
                     log.info("waiting for %d more client(s)", missing)
                     announced = missing
-                # A bounded wait keeps Ctrl-C responsive.
-                self.changed.wait(timeout=1.0)
+                self.check_stop()
+                self.changed.wait(timeout=POLL_SECONDS)
+            self.check_stop()
             return [self.sessions[k] for k in sorted(self.sessions)]
 
-    def run_round(self, round_number: int, sessions: list[ClientSession]) -> None:
+    def run_round(self, round_number: int, sessions: list[ClientSession]) -> bool:
+        """One attempt at a round; True when it counted."""
         started = time.monotonic()
         replies, failures = self.collect(round_number, sessions)
         for failure in failures:
@@ -377,16 +488,27 @@ class Federation:
                 failure.reason,
             )
 
+        # Without enough replies the round does not count: try it again.
+        if len(replies) < self.config.min_fit_clients:
+            self.earlier_failures += len(failures)
+            log.warning(
+                "[ROUND %d] %d of %d client(s) replied, %d needed: not counted, "
+                "global model unchanged; the round runs again when enough "
+                "clients are connected",
+                round_number,
+                len(replies),
+                len(sessions),
+                self.config.min_fit_clients,
+            )
+            return False
+
         # Aggregate in client_id order, so the result does not depend on
         # who answered first.
-        if replies:
-            replies.sort(key=lambda r: r.client_id)
-            aggregate = self.aggregate(
-                [r.vector for r in replies], [r.num_examples for r in replies]
-            )
-            self.global_vector = self.optimizer.step(self.global_vector, aggregate)
-        else:
-            log.warning("[ROUND %d] no replies; global model unchanged", round_number)
+        replies.sort(key=lambda r: r.client_id)
+        aggregate = self.aggregate(
+            [r.vector for r in replies], [r.num_examples for r in replies]
+        )
+        self.global_vector = self.optimizer.step(self.global_vector, aggregate)
 
         # Evaluate the new global model on the truth table.
         self.model.set_weights(vector_to_weights(self.global_vector, self.shapes))
@@ -396,11 +518,17 @@ class Federation:
             accuracy=self.accuracy,
             loss=loss,
             clients=len(replies),
-            failures=len(failures),
+            failures=self.earlier_failures + len(failures),
             seconds=round(time.monotonic() - started, 3),
         )
+        self.earlier_failures = 0
+
+        # Record the round: history first, then the checkpoint that
+        # --resume trusts.
         self.history.append(record)
+        self.round = round_number
         self.write_history()
+        self.save_checkpoint()
         log.info(
             "[ROUND %d] accuracy %.2f loss %.4f clients %d/%d %.1fs",
             round_number,
@@ -410,13 +538,16 @@ class Federation:
             len(sessions),
             record.seconds,
         )
+        return True
 
     def collect(
         self, round_number: int, sessions: list[ClientSession]
     ) -> tuple[list[Reply], list[Failure]]:
         """Send this round's model to every session and gather what comes
-        back before the round's deadline."""
+        back before the round's deadline. Raises Stopped on a stop request,
+        after telling the connection threads to stop waiting."""
         results: queue.Queue = queue.Queue()
+        cancelled = threading.Event()
         deadline = time.monotonic() + self.config.round_timeout
         weights = vector_to_weights(self.global_vector, self.shapes)
         for session in sessions:
@@ -433,24 +564,46 @@ class Federation:
                     "ga": dataclasses.asdict(ga),
                 },
             )
-            session.tasks.put(RoundTask(round_number, payload, deadline, results))
+            session.tasks.put(
+                RoundTask(round_number, payload, deadline, results, cancelled)
+            )
 
         replies: dict[str, Reply] = {}
         failures: dict[str, Failure] = {}
-        pending = {s.client_id for s in sessions}
+        pending = {s.client_id: s for s in sessions}
         while pending:
-            try:
-                item = results.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
+            # A stop abandons the round; the connection threads let go of it.
+            if self.stopping.is_set():
+                cancelled.set()
+                self.check_stop()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 break
+
+            # Take the next result, or notice clients that left meanwhile.
+            try:
+                item = results.get(timeout=min(remaining, POLL_SECONDS))
+            except queue.Empty:
+                for client_id, session in list(pending.items()):
+                    if not self.is_connected(session):
+                        failures[client_id] = Failure(client_id, "disconnected")
+                        del pending[client_id]
+                continue
             if item.client_id in pending:
-                pending.discard(item.client_id)
+                del pending[item.client_id]
                 target = replies if isinstance(item, Reply) else failures
                 target[item.client_id] = item
+
         for client_id in sorted(pending):
             failures[client_id] = Failure(
                 client_id, "no reply before the round deadline"
             )
+
+        # Drop the failed clients now: a client that missed the deadline
+        # must not be counted for the next round, nor be left waiting.
+        by_id = {s.client_id: s for s in sessions}
+        for client_id in failures:
+            self.drop(by_id[client_id])
         return list(replies.values()), list(failures.values())
 
     def finish(self, reason: str) -> None:
@@ -476,8 +629,8 @@ class Federation:
         )
 
     def wait_for_goodbyes(self, sessions: list[ClientSession]) -> None:
-        """Give the connection threads up to io_timeout to send ``done``."""
-        deadline = time.monotonic() + self.config.io_timeout
+        """Give the clients a few seconds to take ``done`` and close."""
+        deadline = time.monotonic() + min(self.config.io_timeout, GOODBYE_SECONDS)
         with self.changed:
             while any(self.sessions.get(s.client_id) is s for s in sessions):
                 remaining = deadline - time.monotonic()
@@ -491,18 +644,138 @@ class Federation:
             self.tcp_server.server_close()
             self.tcp_server = None
 
-    # Outputs.
+    # Checkpoints and outputs.
+
+    def save_checkpoint(self) -> None:
+        """Write the state after the last counted round to checkpoint.npz."""
+        path = checkpoint.checkpoint_path(self.out)
+        checkpoint.save(
+            path,
+            checkpoint.Checkpoint(
+                round=self.round,
+                global_vector=self.global_vector,
+                accuracy=self.accuracy,
+                history=[dataclasses.asdict(r) for r in self.history],
+                settings=as_dict(self.config),
+                velocity=self.optimizer.velocity,
+                rng={
+                    "seed": self.config.seed,
+                    "numpy": checkpoint.numpy_rng_state(),
+                },
+            ),
+        )
+
+    def restore(self) -> None:
+        """With --resume, continue from the checkpoint in --out; raises
+        CheckpointError when it cannot be used with these settings."""
+        path = checkpoint.checkpoint_path(self.out)
+        if not self.config.resume:
+            if path.exists():
+                log.warning(
+                    "%s holds a checkpoint that this run will overwrite; "
+                    "use --resume to continue it instead",
+                    self.out,
+                )
+            return
+        if not path.exists():
+            log.warning("no checkpoint in %s yet; starting at round 1", self.out)
+            return
+
+        # Refuse settings that would make the resumed rounds differ.
+        saved = checkpoint.load(path)
+        mismatch = checkpoint.settings_mismatch(saved.settings, as_dict(self.config))
+        if mismatch:
+            raise checkpoint.CheckpointError(
+                f"checkpoint {path} was written with other settings "
+                f"({'; '.join(mismatch)}); resume with the same ones or use "
+                "another --out"
+            )
+        if saved.global_vector.shape != self.global_vector.shape:
+            raise checkpoint.CheckpointError(
+                f"checkpoint {path} holds {saved.global_vector.size} weights, "
+                f"the model has {self.global_vector.size}"
+            )
+
+        # Take over its state, and rewrite history.csv from it.
+        self.round = saved.round
+        self.global_vector = saved.global_vector
+        self.optimizer.velocity = saved.velocity
+        self.accuracy = saved.accuracy
+        self.history = [RoundRecord(**row) for row in saved.history]
+        if "numpy" in saved.rng:
+            checkpoint.restore_numpy_rng(saved.rng["numpy"])
+        self.model.set_weights(vector_to_weights(self.global_vector, self.shapes))
+        self.write_history()
+        log.info(
+            "resumed from the checkpoint of round %d (accuracy %.2f) in %s",
+            self.round,
+            self.accuracy,
+            path,
+        )
 
     def write_history(self) -> None:
         """Rewrite history.csv with every round so far, atomically."""
-        path = self.out / "history.csv"
-        temporary = path.with_suffix(".csv.tmp")
-        with open(temporary, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=HISTORY_FIELDS)
+
+        def write(handle: Any) -> None:
+            text = io.TextIOWrapper(handle, newline="", encoding="utf-8")
+            writer = csv.DictWriter(text, fieldnames=HISTORY_FIELDS)
             writer.writeheader()
             for record in self.history:
                 writer.writerow(dataclasses.asdict(record))
-        os.replace(temporary, path)
+            text.flush()
+            text.detach()
+
+        checkpoint.write_atomically(self.out / "history.csv", write)
+
+
+def _peer_closed(conn: protocol.Connection) -> bool:
+    """True when the peer has closed its end or the socket has failed; bytes
+    waiting to be read are left where they are."""
+    sock = protocol.raw_socket(conn)
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except ValueError:
+        # A socket wrapper that cannot peek: the next read will tell.
+        return False
+    except OSError:
+        return True
+
+
+def _wait_for_reply(conn: protocol.Connection, task: RoundTask) -> bool:
+    """Wait until the client's reply starts to arrive (True) or the round is
+    abandoned (False); MessageTimeout once the round's deadline has passed."""
+    sock = protocol.raw_socket(conn)
+    while True:
+        remaining = task.deadline - time.monotonic()
+        if remaining <= 0:
+            raise protocol.MessageTimeout("no reply before the round deadline")
+        if task.cancelled.is_set():
+            return False
+        # Bytes already decrypted by a wrapper count as readable too.
+        if getattr(sock, "pending", lambda: 0)():
+            return True
+        try:
+            readable, _, _ = select.select([sock], [], [], min(remaining, POLL_SECONDS))
+        except (OSError, ValueError) as exc:
+            raise protocol.ConnectionClosed(
+                f"connection lost waiting for the reply: {exc}"
+            ) from None
+        if readable:
+            return True
+
+
+def _wait_for_close(conn: protocol.Connection, timeout: float) -> None:
+    """After ``done``: drop whatever the client still sends until it closes,
+    so that closing first does not reset the connection under its last read
+    (the client may have been sending its reply as ``done`` went out)."""
+    sock = protocol.raw_socket(conn)
+    deadline = time.monotonic() + timeout
+    with contextlib.suppress(OSError):
+        while (remaining := deadline - time.monotonic()) > 0:
+            sock.settimeout(remaining)
+            if not sock.recv(65536):
+                return
 
 
 def _client_name(session: ClientSession | None) -> str:
@@ -521,5 +794,31 @@ def default_out_dir() -> Path:
 
 
 def serve(config: ServerConfig) -> int:
-    """Run a federation with ``config``; return the process exit status."""
-    return Federation(config).run()
+    """Run a federation with ``config``; return the process exit status.
+
+    In the main thread, SIGINT and SIGTERM ask the run to stop cleanly; a
+    second SIGINT during the goodbyes raises KeyboardInterrupt at once.
+    """
+    federation = Federation(config)
+
+    exit_codes = {signal.SIGINT: EXIT_INTERRUPTED, signal.SIGTERM: EXIT_TERMINATED}
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and federation.stopping.is_set():
+            raise KeyboardInterrupt
+        name = signal.Signals(signum).name
+        federation.request_stop(f"server stopped by {name}", exit_codes[signum])
+
+    # Signal handlers can only be set from the main thread.
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in exit_codes:
+            previous[signum] = signal.signal(signum, on_signal)
+    try:
+        return federation.run()
+    except checkpoint.CheckpointError as exc:
+        log.error("%s", exc)
+        return EXIT_BAD_SETTINGS
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -177,7 +177,8 @@ def train_locally(
     """Run one round of the GA from the global weights on the scorer's data.
 
     ``on_generation(generation, best_fitness)`` is called after every
-    generation when given (for progress display).
+    generation when given (for progress display); when it returns "stop"
+    the GA ends early and the best solution so far is returned.
     """
     started = time.perf_counter()
     population = initial_population(scorer.model, global_weights, settings)
@@ -187,8 +188,8 @@ def train_locally(
         # PyGAD maximises; the fitness is the negated cross-entropy.
         return list(-scorer.losses(solutions))
 
-    def report(ga: pygad.GA) -> None:
-        on_generation(
+    def report(ga: pygad.GA) -> str | None:
+        return on_generation(
             ga.generations_completed, float(np.max(ga.last_generation_fitness))
         )
 

@@ -6,7 +6,6 @@ as an attacker would, then checks what the server said and did.
 
 from __future__ import annotations
 
-import csv
 import pickle
 import re
 import socket
@@ -215,8 +214,8 @@ def test_bad_updates_are_refused_and_leave_the_global_model_untouched(tmp_path):
         str(out),
         "--min-clients",
         "1",
-        "--rounds",
-        str(len(BAD_REPLIES)),
+        "--min-fit-clients",
+        "1",
         "--generations",
         "1",
         "--seed",
@@ -235,15 +234,19 @@ def test_bad_updates_are_refused_and_leave_the_global_model_untouched(tmp_path):
                     io_timeout=TIMEOUT,
                     idle_timeout=TIMEOUT,
                 )
+                # Every refused attempt leaves round 1 to be tried again.
+                assert task.data["round"] == 1
                 sock.sendall(protocol.frame(bad_reply(task.data["round"], variant)))
                 expect_error(sock, reason)
-        assert server.wait(TIMEOUT) == 3, server.output
+        server.wait_for_line(
+            r"\[ROUND 1\] 0 of 1 client\(s\) replied", TIMEOUT, count=len(BAD_REPLIES)
+        )
+        server.popen.terminate()
+        assert server.wait(TIMEOUT) == 143, server.output
     finally:
         server.stop()
 
-    with open(out / "history.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    assert [(r["clients"], r["failures"]) for r in rows] == [("0", "1")] * len(rows)
+    assert "[ROUND 1] accuracy" not in server.output
     saved = keras.models.load_model(out / "model.keras")
     initial = build_xor_model(seed=4)
     assert np.array_equal(
