@@ -60,7 +60,7 @@ class ServerConfig:
     min_clients: int = 2
     # Rounds at most; the run stops earlier when the target is reached.
     rounds: int = 100
-    # Accuracy of the global model on the truth table that ends the run.
+    # Accuracy of the global model that ends the run (see eval_data).
     target_accuracy: float = 1.0
     # Seed of the initial weights and of every client's GA seeds.
     seed: int = 0
@@ -79,6 +79,19 @@ class ServerConfig:
     # Largest frame accepted, in bytes.
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     ga: GAConfig = field(default_factory=GAConfig)
+    # A saved Keras model (.keras) to federate, architecture and initial
+    # weights; None federates the built-in XOR model.
+    model: Path | None = None
+    # Held-out examples the server evaluates the global model on. None: the
+    # truth table for the built-in XOR model, otherwise the clients' own
+    # (federated) evaluation of the model they receive.
+    eval_data: Path | None = None
+    # Label column of eval_data (a name or an index; None: the last).
+    label_column: str | None = None
+    # Class names in output order, when eval_data labels are names.
+    classes: tuple[str, ...] | None = None
+    # Stop after this many rounds without improvement; None never does.
+    patience: int | None = None
 
 
 @dataclass(frozen=True)
@@ -98,8 +111,14 @@ class ClientConfig:
     retries: int = 5
     retry_delay: float = 1.0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    # Only lines about rounds and the end, no progress within a round.
+    # Only warnings and errors: no progress, no line per round.
     quiet: bool = False
+    # The client's own examples: a CSV file or an .npz archive.
+    data: Path | None = None
+    # Label column of a CSV file (a name or an index; None: the last).
+    label_column: str | None = None
+    # Class names in output order, when the labels are names.
+    classes: tuple[str, ...] | None = None
 
 
 def derive_seed(seed: int, client_id: str, round_number: int) -> int:
@@ -147,6 +166,38 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _existing_file(text: str) -> Path:
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    return path
+
+
+def _class_names(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(","))
+    if len(names) < 2 or not all(names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f"must be two or more distinct names separated by commas, got {text!r}"
+        )
+    return names
+
+
+def _add_label_arguments(parser: argparse.ArgumentParser, data_option: str) -> None:
+    parser.add_argument(
+        "--label-column",
+        default=None,
+        help=f"label column of a CSV {data_option}, by name or index "
+        "(default: the last)",
+    )
+    parser.add_argument(
+        "--classes",
+        type=_class_names,
+        default=None,
+        help="class names in the model's output order, e.g. cat,dog, when the "
+        "labels are names (default: labels are class numbers 0, 1, ...)",
+    )
+
+
 def _add_connection_arguments(parser: argparse.ArgumentParser, port_help: str) -> None:
     parser.add_argument("--host", default=DEFAULT_HOST, help="server address")
     parser.add_argument("--port", type=_port, default=DEFAULT_PORT, help=port_help)
@@ -171,10 +222,13 @@ def server_parser() -> argparse.ArgumentParser:
         prog="server.py",
         formatter_class=_HelpFormatter,
         description=(
-            "Federated GA training server. Sends the XOR model to every client,\n"
-            "averages the weights they evolve, and repeats until the model\n"
-            "reaches the target accuracy on the XOR truth table.\n\n"
-            "Exit status: 0 target reached, 3 rounds used up first, 2 bad arguments."
+            "Federated GA training server. Sends a Keras model (the built-in XOR\n"
+            "model, or --model) to every client, averages the weights they evolve,\n"
+            "and repeats until the model reaches the target accuracy: on\n"
+            "--eval-data (the XOR truth table for the XOR model), or else on the\n"
+            "clients' own data as they report it (federated evaluation).\n\n"
+            "Exit status: 0 target reached, 3 stopped before it (rounds used up,\n"
+            "--patience), 2 bad arguments, model or eval data."
         ),
     )
     _add_connection_arguments(parser, "port to listen on; 0 picks a free one")
@@ -247,6 +301,39 @@ def server_parser() -> argparse.ArgumentParser:
         default=defaults.round_timeout,
         help="seconds a round may take; late clients count as failures",
     )
+    parser.add_argument(
+        "--mutation-range",
+        type=_positive_float,
+        default=ga.mutation_range,
+        help="mutation adds a value drawn from [-range, +range] to a gene",
+    )
+    parser.add_argument(
+        "--init-range",
+        type=_positive_float,
+        default=ga.init_range,
+        help="how far the first population spreads around the global weights",
+    )
+    parser.add_argument(
+        "--model",
+        type=_existing_file,
+        default=None,
+        help="a saved Keras model (.keras) to federate instead of the XOR model",
+    )
+    parser.add_argument(
+        "--eval-data",
+        type=_existing_file,
+        default=None,
+        help="held-out CSV or .npz the server evaluates the global model on "
+        "(default: the XOR truth table for the XOR model, else the clients' "
+        "federated evaluation)",
+    )
+    _add_label_arguments(parser, "--eval-data")
+    parser.add_argument(
+        "--patience",
+        type=_positive_int,
+        default=None,
+        help="stop after this many rounds without improvement (default: never)",
+    )
     return parser
 
 
@@ -267,6 +354,8 @@ def parse_server_args(argv: list[str] | None = None) -> ServerConfig:
         num_generations=args.generations,
         num_solutions=args.solutions,
         num_parents_mating=args.parents_mating,
+        mutation_range=args.mutation_range,
+        init_range=args.init_range,
     )
     return ServerConfig(
         host=args.host,
@@ -283,10 +372,17 @@ def parse_server_args(argv: list[str] | None = None) -> ServerConfig:
         io_timeout=args.io_timeout,
         max_message_bytes=args.max_message_bytes,
         ga=ga,
+        model=args.model,
+        eval_data=args.eval_data,
+        label_column=args.label_column,
+        classes=args.classes,
+        patience=args.patience,
     )
 
 
-def client_parser(prog: str, description: str) -> argparse.ArgumentParser:
+def client_parser(
+    prog: str, description: str, with_data: bool = False
+) -> argparse.ArgumentParser:
     defaults = ClientConfig()
     parser = argparse.ArgumentParser(
         prog=prog, formatter_class=_HelpFormatter, description=description
@@ -310,15 +406,31 @@ def client_parser(prog: str, description: str) -> argparse.ArgumentParser:
         help="seconds before the second attempt; doubles after each failure",
     )
     parser.add_argument(
-        "--quiet", action="store_true", help="print only round results and the end"
+        "--quiet",
+        action="store_true",
+        help="print only warnings and errors: no progress, no line per round",
     )
+    if with_data:
+        parser.add_argument(
+            "--data",
+            type=Path,
+            required=True,
+            help="this client's examples: a CSV file with a header, or an .npz "
+            "archive with arrays x and y",
+        )
+        _add_label_arguments(parser, "--data")
     return parser
 
 
 def parse_client_args(
-    prog: str, description: str, argv: list[str] | None = None
+    prog: str,
+    description: str,
+    argv: list[str] | None = None,
+    with_data: bool = False,
 ) -> ClientConfig:
-    args = client_parser(prog, description).parse_args(argv)
+    """Parse a client's command line; ``with_data`` adds ``--data`` and its
+    label options (client.py), the XOR scripts hold their rows in code."""
+    args = client_parser(prog, description, with_data).parse_args(argv)
     return ClientConfig(
         host=args.host,
         port=args.port,
@@ -328,6 +440,9 @@ def parse_client_args(
         retry_delay=args.retry_delay,
         max_message_bytes=args.max_message_bytes,
         quiet=args.quiet,
+        data=getattr(args, "data", None),
+        label_column=getattr(args, "label_column", None),
+        classes=getattr(args, "classes", None),
     )
 
 
