@@ -151,7 +151,8 @@ def write_csv(path: Path, dataset: Dataset) -> None:
         writer = csv.writer(handle)
         writer.writerow([*names, dataset.label_name])
         for row, label in zip(flat, dataset.labels, strict=True):
-            writer.writerow([*(repr(float(v)) for v in row), int(label)])
+            # str of a float32 is its shortest exact form: 5.8, not 5.80000019.
+            writer.writerow([*(str(v) for v in row), int(label)])
 
 
 # CSV -------------------------------------------------------------------------

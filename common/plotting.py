@@ -85,9 +85,10 @@ def plot_history(
         )
     accuracy_axes.set_ylim(-0.02, 1.05)
     accuracy_axes.set_ylabel("accuracy")
+    server_part = f"server on {eval_name}, " if eval_name else ""
     accuracy_axes.set_title(
-        f"global model: server on {eval_name or 'no eval data'}, "
-        "federated on the clients' data (the model they received)",
+        f"global model: {server_part}federated on the clients' own data "
+        "(the model they received)",
         fontsize=9,
         loc="left",
     )
@@ -193,12 +194,18 @@ def _place_labels(axes: Any, entries: list[tuple[float, float, str, Any]]) -> No
     low, high = axes.get_ylim()
     span = (high - low) or 1.0
     gap = 0.07
-    placed: list[float] = []
-    for x, y, text, colour in sorted(entries, key=lambda e: e[1]):
-        height = min(max((y - low) / span, 0.0), 1.0)
-        if placed and height < placed[-1] + gap:
-            height = placed[-1] + gap
-        placed.append(height)
+    entries = sorted(entries, key=lambda e: e[1])
+
+    # Heights in axes fractions, pushed up apart, then down into the panel.
+    heights = [min(max((y - low) / span, 0.0), 1.0) for _, y, _, _ in entries]
+    for i in range(1, len(heights)):
+        heights[i] = max(heights[i], heights[i - 1] + gap)
+    if heights and heights[-1] > 1.0:
+        heights[-1] = 1.0
+        for i in range(len(heights) - 2, -1, -1):
+            heights[i] = min(heights[i], heights[i + 1] - gap)
+
+    for (x, _, text, colour), height in zip(entries, heights, strict=True):
         axes.annotate(
             text,
             (x, height),
