@@ -17,6 +17,7 @@ client's one thread.
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 from collections.abc import Callable
 from typing import TextIO
@@ -57,13 +58,17 @@ def _bar(
 ) -> tuple[OnGeneration, Callable[[], None]]:
     from tqdm import tqdm
 
+    # A terminal that reports no size (a bare pty says 0 x 0, and tqdm then
+    # hides the bar) is taken as 100 x 24.
+    size = shutil.get_terminal_size((100, 24))
     bar = tqdm(
         total=num_generations,
         desc=label,
         unit="gen",
         file=stream,
         leave=False,
-        dynamic_ncols=True,
+        ncols=min(size.columns or 100, 100),
+        nrows=size.lines or 24,
     )
 
     def on_generation(generation: int, best_fitness: float) -> None:
