@@ -390,8 +390,11 @@ def client_parser(
     _add_connection_arguments(parser, "server port")
     parser.add_argument(
         "--client-id",
-        default=Path(prog).stem,
-        help="stable name of this client; the server seeds its GA from it",
+        # client.py runs once per data file: name it after the file, so two
+        # clients on one server do not share a name (and replace each other).
+        default=argparse.SUPPRESS if with_data else Path(prog).stem,
+        help="stable name of this client; the server seeds its GA from it"
+        + (" (default: the --data file's name without suffix)" if with_data else ""),
     )
     parser.add_argument(
         "--retries",
@@ -434,7 +437,7 @@ def parse_client_args(
     return ClientConfig(
         host=args.host,
         port=args.port,
-        client_id=args.client_id,
+        client_id=getattr(args, "client_id", None) or Path(args.data).stem,
         io_timeout=args.io_timeout,
         retries=args.retries,
         retry_delay=args.retry_delay,

@@ -174,3 +174,14 @@ def test_label_skew_gives_clients_unequal_class_mixes():
     shards = partition(labels, 5, "label-skew", seed=0, alpha=0.5)
     dominant = [np.bincount(labels[s], minlength=3).max() / len(s) for s in shards]
     assert np.mean(dominant) > 0.6
+
+
+def test_client_py_is_named_after_its_data_file_unless_told():
+    from common.config import parse_client_args
+
+    def client_id(*argv: str) -> str:
+        return parse_client_args("client.py", "", list(argv), with_data=True).client_id
+
+    assert client_id("--data", "shards/alice.csv") == "alice"
+    assert client_id("--data", "alice.csv", "--client-id", "bob") == "bob"
+    assert parse_client_args("client1.py", "", []).client_id == "client1"
