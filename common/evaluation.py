@@ -17,6 +17,11 @@ the accuracy reaches the target, or after ``patience`` rounds without
 improvement. It keeps the best measured model, which is the one the server
 saves at the end.
 
+XXX: the federated evaluation trusts what the clients report. A client that
+claims a high accuracy can end a run early, or hold the best-model choice;
+robust aggregation does not guard against it. When that matters, give the
+server eval data of its own: the stopping rule then ignores the reports.
+
 Pure numpy, no I/O and no logging; the server's main thread owns a Monitor.
 """
 
