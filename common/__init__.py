@@ -3,10 +3,17 @@
 The modules, from the wire up:
 
 - ``protocol``: frames, message encoding, the allow-list decoder, errors.
-- ``model``: the XOR model, weights <-> vector, model JSON checks.
+- ``model``: the XOR model, a user's model file, weights <-> vector, model
+  JSON checks.
+- ``datasets``: a client's own data from CSV or .npz, fitted to the model;
+  splits for simulations.
 - ``training``: local GA training with a batched population fitness.
 - ``aggregation``: FedAvg and friends, pure numpy.
+- ``evaluation``: federated evaluation and the stopping rule, pure numpy.
 - ``server`` and ``client``: the two ends of a federation.
+- ``progress``, ``report``, ``plotting``: what a person sees (progress bar,
+  round lines and summary, history.png).
+- ``loopback``: a whole federation on this machine (simulate.py).
 
 Importing this package is cheap: TensorFlow is imported only by ``model`` and
 ``training``, and only the code that trains or evaluates imports those.

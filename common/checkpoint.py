@@ -70,6 +70,8 @@ class Checkpoint:
     velocity: np.ndarray | None = None
     # {"seed": int, "numpy": [name, keys, pos, has_gauss, cached_gaussian]}.
     rng: dict[str, Any] = field(default_factory=dict)
+    # One dict per reply in a completed round, the rows of clients.csv.
+    clients: list[dict[str, Any]] = field(default_factory=list)
 
 
 def checkpoint_path(out: Path) -> Path:
@@ -116,6 +118,7 @@ def save(path: Path, checkpoint: Checkpoint) -> None:
         "history": checkpoint.history,
         "settings": checkpoint.settings,
         "rng": checkpoint.rng,
+        "clients": checkpoint.clients,
     }
     arrays = {
         "meta": np.array(json.dumps(meta)),
@@ -157,6 +160,7 @@ def load(path: Path) -> Checkpoint:
         settings=dict(meta["settings"]),
         velocity=arrays.get("velocity"),
         rng=dict(meta.get("rng", {})),
+        clients=list(meta.get("clients", [])),
     )
 
 

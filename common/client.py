@@ -6,6 +6,12 @@ One thread, one connection. The lifecycle is ``connect`` (with retries),
 never leave this process; only the best weights vector, the number of
 examples and a few metrics do.
 
+The examples are a ``common.datasets.Dataset``: the XOR rows of
+``client1.py`` and ``client2.py``, or a user's file (``client.py --data``).
+They become one-hot labels of the model's output width when the model
+arrives; data that does not fit the model ends the client with one line
+(``DataError``) and exit status 2, and the server is told why.
+
 TensorFlow is imported only when the first model arrives, so a client that
 cannot reach its server says so at once.
 
@@ -17,7 +23,8 @@ generation, so a ``done`` or a closed connection cuts the round short.
 After ``--retries`` attempts in a row without hearing from a server it
 exits 1 with one line.
 
-Run it through ``client1.py`` or ``client2.py`` (see their ``--help``).
+Run it: ``python client.py --data data/iris.csv --port 5000``, or
+``client1.py`` and ``client2.py`` (see their ``--help``).
 """
 
 from __future__ import annotations
@@ -29,15 +36,17 @@ import ssl
 import time
 from typing import Any
 
-import numpy as np
-
 from common import protocol, security
-from common.config import ClientConfig, GAConfig
+from common.config import ClientConfig, GAConfig, configure_logging, parse_client_args
+from common.datasets import DataError, Dataset, load_dataset
+from common.progress import generation_progress
 
 log = logging.getLogger("fedga.client")
 
 EXIT_DONE = 0
 EXIT_FAILED = 1
+# The client's data cannot be read, or does not fit the server's model.
+EXIT_BAD_DATA = 2
 
 
 class ClientError(Exception):
@@ -57,9 +66,10 @@ class LocalTrainer:
     """The client's model and scorer, rebuilt only when the architecture
     the server sends changes."""
 
-    def __init__(self, inputs: np.ndarray, labels: np.ndarray):
-        self.inputs = inputs
-        self.labels = labels
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+        # What the echo announces and the replies count: rows of the file.
+        self.inputs = dataset.features
         self.model_json: str | None = None
         self.scorer: Any = None
 
@@ -70,14 +80,20 @@ class LocalTrainer:
 
         if task["model_json"] != self.model_json:
             model = model_lib.model_from_json(task["model_json"])
-            self.scorer = training.PopulationScorer(model, self.inputs, self.labels)
+            # DataError here: the file does not fit the model.
+            inputs, labels = self.dataset.fit(*model_lib.io_shapes(model))
+            self.scorer = training.PopulationScorer(model, inputs, labels)
             self.model_json = task["model_json"]
         shapes = model_lib.weight_shapes(self.scorer.model)
         weights = task["weights"]
         if [tuple(w.shape) for w in weights] != shapes:
             raise protocol.InvalidMessage("weights do not fit the model's shapes")
-        settings = GAConfig(**{k: v for k, v in task["ga"].items() if k in _GA_FIELDS})
+        settings = self.settings(task)
         return training.train_locally(self.scorer, weights, settings, on_generation)
+
+    @staticmethod
+    def settings(task: dict[str, Any]) -> GAConfig:
+        return GAConfig(**{k: v for k, v in task["ga"].items() if k in _GA_FIELDS})
 
 
 _GA_FIELDS = set(GAConfig.__dataclass_fields__)
@@ -110,6 +126,27 @@ def connect(config: ClientConfig) -> protocol.Connection:
     raise AssertionError("unreachable")
 
 
+def main(prog: str, description: str, dataset: Dataset | None = None) -> int:
+    """The console entry of every client script: parse the command line,
+    read the data (``--data`` unless ``dataset`` is given), take part.
+
+    Exit status: 0 after ``done``, 1 when the server cannot be reached or
+    breaks the protocol, 2 when the data cannot be read or does not fit the
+    model, 130 on Ctrl-C.
+    """
+    config = parse_client_args(prog, description, with_data=dataset is None)
+    configure_logging(config.quiet)
+    try:
+        if dataset is None:
+            dataset = load_dataset(config.data, config.label_column, config.classes)
+        return run_client(config, dataset)
+    except DataError as exc:
+        log.error("%s", exc)
+        return EXIT_BAD_DATA
+    except KeyboardInterrupt:
+        return 130
+
+
 def secure(sock: socket.socket, config: ClientConfig) -> protocol.Connection:
     """Wrap in TLS and run the secret handshake, when configured; a failure
     is a ClientError (retrying would not help)."""
@@ -131,10 +168,11 @@ def secure(sock: socket.socket, config: ClientConfig) -> protocol.Connection:
         raise ClientError(f"cannot set up a secure connection: {exc}") from None
 
 
-def run_client(config: ClientConfig, inputs: np.ndarray, labels: np.ndarray) -> int:
+def run_client(config: ClientConfig, dataset: Dataset) -> int:
     """Take part in a federation until the server says done, reconnecting
-    when the server goes away; return the process exit status."""
-    trainer = LocalTrainer(inputs, labels)
+    when the server goes away; return the process exit status. DataError
+    escapes when the data does not fit the server's model."""
+    trainer = LocalTrainer(dataset)
     # Sessions in a row that ended before the server sent anything.
     silent = 0
     while True:
@@ -212,26 +250,30 @@ def reply_to_model(
     from common.model import ModelRefused
 
     round_number = task["round"]
+    progress, end_progress = generation_progress(
+        f"{config.client_id} [ROUND {round_number}]",
+        LocalTrainer.settings(task).num_generations,
+        quiet=config.quiet,
+    )
     interrupted = False
 
-    def look_at_socket(generation: int, best_fitness: float) -> str | None:
+    def on_generation(generation: int, best_fitness: float) -> str | None:
         nonlocal interrupted
+        if progress is not None:
+            progress(generation, best_fitness)
         interrupted = _readable(sock)
         return "stop" if interrupted else None
 
-    log.info(
-        "%s [ROUND %d] training for %d generation(s)",
-        config.client_id,
-        round_number,
-        task["ga"]["num_generations"],
-    )
     try:
-        result = trainer.train(task, on_generation=look_at_socket)
+        result = trainer.train(task, on_generation)
     except ModelRefused as exc:
         protocol.send_error(sock, f"model refused: {exc}")
         raise ClientError(
             f"{config.client_id} refused the server's model: {exc}"
         ) from None
+    except DataError as exc:
+        protocol.send_error(sock, f"{config.client_id}'s data does not fit: {exc}")
+        raise
     except protocol.InvalidMessage:
         raise
     except Exception as exc:  # PyGAD and Keras raise many types for bad input
@@ -239,6 +281,8 @@ def reply_to_model(
         raise ClientError(
             f"{config.client_id} cannot train the server's model: {exc}"
         ) from None
+    finally:
+        end_progress()
     if interrupted:
         log.info(
             "%s [ROUND %d] the server spoke during training; reply dropped",

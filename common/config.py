@@ -60,7 +60,7 @@ class ServerConfig:
     min_clients: int = 2
     # Rounds at most; the run stops earlier when the target is reached.
     rounds: int = 100
-    # Accuracy of the global model on the truth table that ends the run.
+    # Accuracy of the global model that ends the run (see eval_data).
     target_accuracy: float = 1.0
     # Seed of the initial weights and of every client's GA seeds.
     seed: int = 0
@@ -89,6 +89,19 @@ class ServerConfig:
     min_fit_clients: int = 2
     # Continue from the checkpoint in ``out`` instead of starting at round 1.
     resume: bool = False
+    # A saved Keras model (.keras) to federate, architecture and initial
+    # weights; None federates the built-in XOR model.
+    model: Path | None = None
+    # Held-out examples the server evaluates the global model on. None: the
+    # truth table for the built-in XOR model, otherwise the clients' own
+    # (federated) evaluation of the model they receive.
+    eval_data: Path | None = None
+    # Label column of eval_data (a name or an index; None: the last).
+    label_column: str | None = None
+    # Class names in output order, when eval_data labels are names.
+    classes: tuple[str, ...] | None = None
+    # Stop after this many rounds without improvement; None never does.
+    patience: int | None = None
 
 
 @dataclass(frozen=True)
@@ -109,13 +122,19 @@ class ClientConfig:
     retries: int = 6
     retry_delay: float = 1.0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    # Only lines about rounds and the end, no progress within a round.
+    # Only warnings and errors: no progress, no line per round.
     quiet: bool = False
     # File holding the secret shared with the server; None: no handshake.
     secret_file: Path | None = None
     # CA certificate that the server's TLS certificate must verify against;
     # None: plain TCP.
     tls_ca: Path | None = None
+    # The client's own examples: a CSV file or an .npz archive.
+    data: Path | None = None
+    # Label column of a CSV file (a name or an index; None: the last).
+    label_column: str | None = None
+    # Class names in output order, when the labels are names.
+    classes: tuple[str, ...] | None = None
 
 
 def derive_seed(seed: int, client_id: str, round_number: int) -> int:
@@ -170,6 +189,31 @@ def _readable_file(text: str) -> Path:
     return path
 
 
+def _class_names(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(","))
+    if len(names) < 2 or not all(names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f"must be two or more distinct names separated by commas, got {text!r}"
+        )
+    return names
+
+
+def _add_label_arguments(parser: argparse.ArgumentParser, data_option: str) -> None:
+    parser.add_argument(
+        "--label-column",
+        default=None,
+        help=f"label column of a CSV {data_option}, by name or index "
+        "(default: the last)",
+    )
+    parser.add_argument(
+        "--classes",
+        type=_class_names,
+        default=None,
+        help="class names in the model's output order, e.g. cat,dog, when the "
+        "labels are names (default: labels are class numbers 0, 1, ...)",
+    )
+
+
 def _add_connection_arguments(parser: argparse.ArgumentParser, port_help: str) -> None:
     parser.add_argument("--host", default=DEFAULT_HOST, help="server address")
     parser.add_argument("--port", type=_port, default=DEFAULT_PORT, help=port_help)
@@ -201,10 +245,13 @@ def server_parser() -> argparse.ArgumentParser:
         prog="server.py",
         formatter_class=_HelpFormatter,
         description=(
-            "Federated GA training server. Sends the XOR model to every client,\n"
-            "averages the weights they evolve, and repeats until the model\n"
-            "reaches the target accuracy on the XOR truth table.\n\n"
-            "Exit status: 0 target reached, 3 rounds used up first, 2 bad arguments."
+            "Federated GA training server. Sends a Keras model (the built-in XOR\n"
+            "model, or --model) to every client, averages the weights they evolve,\n"
+            "and repeats until the model reaches the target accuracy: on\n"
+            "--eval-data (the XOR truth table for the XOR model), or else on the\n"
+            "clients' own data as they report it (federated evaluation).\n\n"
+            "Exit status: 0 target reached, 3 stopped before it (rounds used up,\n"
+            "--patience), 2 bad arguments, model or eval data."
         ),
     )
     _add_connection_arguments(parser, "port to listen on; 0 picks a free one")
@@ -297,6 +344,39 @@ def server_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue from the checkpoint in --out (which is then required)",
     )
+    parser.add_argument(
+        "--mutation-range",
+        type=_positive_float,
+        default=ga.mutation_range,
+        help="mutation adds a value drawn from [-range, +range] to a gene",
+    )
+    parser.add_argument(
+        "--init-range",
+        type=_positive_float,
+        default=ga.init_range,
+        help="how far the first population spreads around the global weights",
+    )
+    parser.add_argument(
+        "--model",
+        type=_readable_file,
+        default=None,
+        help="a saved Keras model (.keras) to federate instead of the XOR model",
+    )
+    parser.add_argument(
+        "--eval-data",
+        type=_readable_file,
+        default=None,
+        help="held-out CSV or .npz the server evaluates the global model on "
+        "(default: the XOR truth table for the XOR model, else the clients' "
+        "federated evaluation)",
+    )
+    _add_label_arguments(parser, "--eval-data")
+    parser.add_argument(
+        "--patience",
+        type=_positive_int,
+        default=None,
+        help="stop after this many rounds without improvement (default: never)",
+    )
     return parser
 
 
@@ -333,6 +413,8 @@ def parse_server_args(argv: list[str] | None = None) -> ServerConfig:
         num_generations=args.generations,
         num_solutions=args.solutions,
         num_parents_mating=args.parents_mating,
+        mutation_range=args.mutation_range,
+        init_range=args.init_range,
     )
     return ServerConfig(
         host=args.host,
@@ -354,10 +436,17 @@ def parse_server_args(argv: list[str] | None = None) -> ServerConfig:
         tls_key=args.tls_key,
         min_fit_clients=args.min_fit_clients,
         resume=args.resume,
+        model=args.model,
+        eval_data=args.eval_data,
+        label_column=args.label_column,
+        classes=args.classes,
+        patience=args.patience,
     )
 
 
-def client_parser(prog: str, description: str) -> argparse.ArgumentParser:
+def client_parser(
+    prog: str, description: str, with_data: bool = False
+) -> argparse.ArgumentParser:
     defaults = ClientConfig()
     parser = argparse.ArgumentParser(
         prog=prog, formatter_class=_HelpFormatter, description=description
@@ -365,8 +454,11 @@ def client_parser(prog: str, description: str) -> argparse.ArgumentParser:
     _add_connection_arguments(parser, "server port")
     parser.add_argument(
         "--client-id",
-        default=Path(prog).stem,
-        help="stable name of this client; the server seeds its GA from it",
+        # client.py runs once per data file: name it after the file, so two
+        # clients on one server do not share a name (and replace each other).
+        default=argparse.SUPPRESS if with_data else Path(prog).stem,
+        help="stable name of this client; the server seeds its GA from it"
+        + (" (default: the --data file's name without suffix)" if with_data else ""),
     )
     parser.add_argument(
         "--retries",
@@ -382,7 +474,9 @@ def client_parser(prog: str, description: str) -> argparse.ArgumentParser:
         help="seconds before the second attempt; doubles after each failure",
     )
     parser.add_argument(
-        "--quiet", action="store_true", help="print only round results and the end"
+        "--quiet",
+        action="store_true",
+        help="print only warnings and errors: no progress, no line per round",
     )
     parser.add_argument(
         "--tls-ca",
@@ -391,19 +485,33 @@ def client_parser(prog: str, description: str) -> argparse.ArgumentParser:
         help="CA certificate (PEM): connect with TLS and refuse a server whose "
         "certificate does not verify against it",
     )
+    if with_data:
+        parser.add_argument(
+            "--data",
+            type=Path,
+            required=True,
+            help="this client's examples: a CSV file with a header, or an .npz "
+            "archive with arrays x and y",
+        )
+        _add_label_arguments(parser, "--data")
     return parser
 
 
 def parse_client_args(
-    prog: str, description: str, argv: list[str] | None = None
+    prog: str,
+    description: str,
+    argv: list[str] | None = None,
+    with_data: bool = False,
 ) -> ClientConfig:
-    parser = client_parser(prog, description)
+    """Parse a client's command line; ``with_data`` adds ``--data`` and its
+    label options (client.py), the XOR scripts hold their rows in code."""
+    parser = client_parser(prog, description, with_data)
     args = parser.parse_args(argv)
     _check_secret(parser, args.secret_file)
     return ClientConfig(
         host=args.host,
         port=args.port,
-        client_id=args.client_id,
+        client_id=getattr(args, "client_id", None) or Path(args.data).stem,
         io_timeout=args.io_timeout,
         retries=args.retries,
         retry_delay=args.retry_delay,
@@ -411,6 +519,9 @@ def parse_client_args(
         quiet=args.quiet,
         secret_file=args.secret_file,
         tls_ca=args.tls_ca,
+        data=getattr(args, "data", None),
+        label_column=getattr(args, "label_column", None),
+        classes=getattr(args, "classes", None),
     )
 
 

@@ -1,4 +1,4 @@
-"""The XOR model and the bridge between Keras weights and GA genes.
+"""The models, and the bridge between Keras weights and GA genes.
 
 The genetic algorithm evolves one flat vector of genes per solution; Keras
 keeps a list of arrays, one per variable, in ``model.weights`` order. The
@@ -10,6 +10,9 @@ plus a list of arrays. JSON from the network is checked against an allow-list
 of classes before Keras sees it: a ``Lambda`` layer, or any class not named
 here, would let a server run code on its clients.
 
+The model is the built-in XOR model or a user's saved ``.keras`` file
+(``load_model_file``), which passes the same allow-list first.
+
 Importing this module imports Keras (seconds); callers that only parse
 arguments or speak the protocol should not import it.
 """
@@ -17,6 +20,8 @@ arguments or speak the protocol should not import it.
 from __future__ import annotations
 
 import json
+import zipfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -195,3 +200,59 @@ def cross_entropy(probs: np.ndarray, labels: np.ndarray) -> float:
 def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
     """Fraction of rows whose most probable class is the labelled one."""
     return float(np.mean(np.argmax(probs, axis=-1) == np.argmax(labels, axis=-1)))
+
+
+def io_shapes(model: keras.Model) -> tuple[tuple[int, ...], int]:
+    """The shape of one input row and the output width of a model with one
+    input and one flat output; ModelRefused for any other model."""
+    inputs, outputs = list(model.inputs or []), list(model.outputs or [])
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise ModelRefused(
+            f"model has {len(inputs)} input(s) and {len(outputs)} output(s); "
+            "one of each is needed to train on a data file"
+        )
+    input_shape = tuple(inputs[0].shape[1:])
+    output_shape = tuple(outputs[0].shape[1:])
+    if None in input_shape or len(output_shape) != 1 or output_shape[0] is None:
+        raise ModelRefused(
+            f"model takes rows of shape {input_shape} and gives {output_shape}; "
+            "a fixed input shape and one vector of class scores are needed"
+        )
+    return tuple(int(d) for d in input_shape), int(output_shape[0])
+
+
+def load_model_file(path: Path) -> keras.Model:
+    """A user's saved Keras model, checked against the allow-list before
+    Keras builds it; ModelRefused with one line naming the file otherwise.
+
+    Clients rebuild the model from its JSON with the same allow-list, so a
+    model the server accepts here is one every client accepts too.
+    """
+    # A .keras file is a zip holding config.json: check it before loading.
+    try:
+        with zipfile.ZipFile(path) as archive:
+            config = json.loads(archive.read("config.json"))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        reason = getattr(exc, "strerror", None) or "not a Keras .keras file"
+        raise ModelRefused(f"{path}: {reason}") from None
+    try:
+        check_model_config(config)
+    except ModelRefused as exc:
+        raise ModelRefused(f"{path}: {exc}") from None
+
+    # safe_mode refuses code in the file; compile=False skips the optimizer.
+    try:
+        model = keras.saving.load_model(path, compile=False, safe_mode=True)
+        model_from_json(model.to_json())
+        io_shapes(model)
+    except ModelRefused as exc:
+        raise ModelRefused(f"{path}: {exc}") from None
+    except Exception as exc:  # Keras raises many types for a bad file.
+        raise ModelRefused(f"{path}: Keras cannot load it: {exc}") from None
+    return model
+
+
+def output_activation(model: keras.Model) -> str | None:
+    """The name of the last layer's activation, when it has one."""
+    activation = getattr(model.layers[-1], "activation", None) if model.layers else None
+    return getattr(activation, "__name__", None)

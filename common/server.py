@@ -33,6 +33,14 @@ Robustness, in the order a round meets it:
 - A connection thread notices a client that leaves between rounds within
   ``POLL_SECONDS`` and ends, so threads and sockets do not pile up.
 
+The model is the built-in XOR model or a user's ``--model`` file. After each
+round the main thread measures the global model (``common.evaluation``): on
+the server's own eval data when it has some (``--eval-data``; the truth table
+for XOR), and from the clients' reports on their own data in any case. It
+writes ``history.csv`` (one row per round) and ``clients.csv`` (one row per
+reply) as it goes, and at the end saves the best measured model, logs a
+summary table and draws ``history.png``.
+
 Run it: ``python server.py --port 0`` (see ``python server.py --help``).
 """
 
@@ -63,13 +71,26 @@ from common import checkpoint, protocol, security
 from common.aggregation import AGGREGATORS, ServerOptimizer
 from common.config import ServerConfig, as_dict, derive_seed
 from common.data import XOR_INPUTS, XOR_LABELS
+from common.datasets import DataError, load_dataset
+from common.evaluation import (
+    RECEIVED_ACCURACY,
+    RECEIVED_LOSS,
+    Measurement,
+    Monitor,
+    federated_mean,
+)
 from common.model import (
+    ModelRefused,
     build_xor_model,
     evaluate,
+    io_shapes,
+    load_model_file,
+    output_activation,
     vector_to_weights,
     weight_shapes,
     weights_to_vector,
 )
+from common.report import round_line, summary_table
 
 log = logging.getLogger("fedga.server")
 
@@ -85,7 +106,27 @@ POLL_SECONDS = 0.25
 # (less when --io-timeout is shorter); a client that is training stops after
 # its current generation, so this is ample.
 GOODBYE_SECONDS = 5.0
-HISTORY_FIELDS = ["round", "accuracy", "loss", "clients", "failures", "seconds"]
+HISTORY_FIELDS = [
+    "round",
+    "accuracy",
+    "loss",
+    "clients",
+    "failures",
+    "seconds",
+    "federated_accuracy",
+    "federated_loss",
+]
+CLIENT_FIELDS = [
+    "round",
+    "client_id",
+    "num_examples",
+    "received_accuracy",
+    "received_loss",
+    "accuracy",
+    "loss",
+    "fitness",
+    "seconds",
+]
 
 
 # What travels between the main thread and the connection threads ------------
@@ -136,11 +177,43 @@ class ClientSession:
 @dataclass
 class RoundRecord:
     round: int
-    accuracy: float
-    loss: float
+    # The server's evaluation of the global model after the round; None
+    # without eval data.
+    accuracy: float | None
+    loss: float | None
     clients: int
     failures: int
     seconds: float
+    # The clients' evaluation of the global model they received at the start
+    # of the round, weighted by examples; None when no reply reported it.
+    federated_accuracy: float | None = None
+    federated_loss: float | None = None
+
+
+@dataclass
+class ClientRecord:
+    """One client's reply in one round, as it reported it."""
+
+    round: int
+    client_id: str
+    num_examples: int
+    # Accuracy and loss of the received global model on the client's data.
+    received_accuracy: float | None
+    received_loss: float | None
+    # Accuracy, loss and fitness of the client's best solution.
+    accuracy: float | None
+    loss: float | None
+    fitness: float | None
+    seconds: float | None
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """Examples the server evaluates the global model on."""
+
+    name: str
+    inputs: np.ndarray
+    labels: np.ndarray
 
 
 # The connection side ---------------------------------------------------------
@@ -331,7 +404,10 @@ class Federation:
     def __init__(self, config: ServerConfig):
         self.config = config
         self.out = config.out or default_out_dir()
-        self.model = build_xor_model(config.seed)
+        self.model = build_model(config)
+        self.eval_set = load_eval_set(config, self.model)
+        self.monitor = Monitor(config.target_accuracy, config.patience)
+        self.client_history: list[ClientRecord] = []
         self.shapes = weight_shapes(self.model)
         self.global_vector = weights_to_vector(self.model.get_weights())
         self.model_json = self.model.to_json()
@@ -435,6 +511,12 @@ class Federation:
         self.out.mkdir(parents=True, exist_ok=True)
         log.info("settings: %s", as_dict(self.config))
         self.restore()
+        log.info(
+            "model %s with %d weights; accuracy measured on %s",
+            self.model.name,
+            self.global_vector.size,
+            self.eval_set.name if self.eval_set else "the clients' data (federated)",
+        )
         log.info("results go to %s", self.out)
         if self.tcp_server is None:
             self.listen()
@@ -454,8 +536,11 @@ class Federation:
         """Run rounds until the target or the round limit; return the exit
         status and the reason. Raises Stopped on a stop request."""
         while True:
-            if self.round > 0 and self.accuracy >= self.config.target_accuracy:
+            if self.monitor.reached:
                 return EXIT_TARGET_REACHED, "target accuracy reached"
+            if self.monitor.stalled:
+                reason = f"no improvement in {self.config.patience} rounds"
+                return EXIT_ROUNDS_EXHAUSTED, reason
             if self.round >= self.config.rounds:
                 return EXIT_ROUNDS_EXHAUSTED, "rounds used up"
             self.run_round(self.round + 1, self.wait_for_clients())
@@ -479,6 +564,7 @@ class Federation:
     def run_round(self, round_number: int, sessions: list[ClientSession]) -> bool:
         """One attempt at a round; True when it counted."""
         started = time.monotonic()
+        received = self.global_vector
         replies, failures = self.collect(round_number, sessions)
         for failure in failures:
             log.warning(
@@ -510,35 +596,87 @@ class Federation:
         )
         self.global_vector = self.optimizer.step(self.global_vector, aggregate)
 
-        # Evaluate the new global model on the truth table.
-        self.model.set_weights(vector_to_weights(self.global_vector, self.shapes))
-        loss, self.accuracy = evaluate(self.model, XOR_INPUTS, XOR_LABELS)
-        record = RoundRecord(
-            round=round_number,
-            accuracy=self.accuracy,
-            loss=loss,
-            clients=len(replies),
-            failures=self.earlier_failures + len(failures),
-            seconds=round(time.monotonic() - started, 3),
+        self.record_round(
+            round_number,
+            received,
+            replies,
+            self.earlier_failures + len(failures),
+            started,
         )
         self.earlier_failures = 0
 
-        # Record the round: history first, then the checkpoint that
-        # --resume trusts.
-        self.history.append(record)
+        # The checkpoint that --resume trusts comes after the history.
         self.round = round_number
-        self.write_history()
         self.save_checkpoint()
         log.info(
-            "[ROUND %d] accuracy %.2f loss %.4f clients %d/%d %.1fs",
-            round_number,
-            record.accuracy,
-            record.loss,
-            record.clients,
-            len(sessions),
-            record.seconds,
+            "[ROUND %d] %s", round_number, round_line(self.history[-1], len(sessions))
         )
         return True
+
+    def record_round(
+        self,
+        round_number: int,
+        received: np.ndarray,
+        replies: list[Reply],
+        failures: int,
+        started: float,
+    ) -> None:
+        """Measure the global model, feed the stopping rule, and write the
+        round to the history files."""
+        # The server's evaluation, of the new global model.
+        loss = accuracy = None
+        if self.eval_set is not None:
+            self.model.set_weights(vector_to_weights(self.global_vector, self.shapes))
+            loss, accuracy = evaluate(
+                self.model, self.eval_set.inputs, self.eval_set.labels
+            )
+
+        # The clients' evaluation, of the global model they received.
+        federated = federated_mean(
+            [r.num_examples for r in replies], [r.metrics for r in replies]
+        )
+        federated_loss, federated_accuracy = federated or (None, None)
+
+        # The stopping rule watches the server's evaluation when there is one.
+        if accuracy is not None:
+            measured = Measurement(round_number, accuracy, loss, self.global_vector)
+        elif federated is not None:
+            measured = Measurement(
+                round_number, federated_accuracy, federated_loss, received
+            )
+        else:
+            measured = None
+        self.monitor.update(measured)
+        if measured is not None:
+            self.accuracy = measured.accuracy
+
+        self.history.append(
+            RoundRecord(
+                round=round_number,
+                accuracy=accuracy,
+                loss=loss,
+                clients=len(replies),
+                failures=failures,
+                seconds=round(time.monotonic() - started, 3),
+                federated_accuracy=federated_accuracy,
+                federated_loss=federated_loss,
+            )
+        )
+        self.client_history.extend(
+            ClientRecord(
+                round=round_number,
+                client_id=r.client_id,
+                num_examples=r.num_examples,
+                received_accuracy=r.metrics.get(RECEIVED_ACCURACY),
+                received_loss=r.metrics.get(RECEIVED_LOSS),
+                accuracy=r.metrics.get("accuracy"),
+                loss=r.metrics.get("loss"),
+                fitness=r.metrics.get("fitness"),
+                seconds=r.metrics.get("seconds"),
+            )
+            for r in replies
+        )
+        self.write_history()
 
     def collect(
         self, round_number: int, sessions: list[ClientSession]
@@ -607,8 +745,12 @@ class Federation:
         return list(replies.values()), list(failures.values())
 
     def finish(self, reason: str) -> None:
-        """Save the model, tell every client the run is over, and say where
-        the results are."""
+        """Save the best measured model, tell every client the run is over,
+        show the summary and the plot, and say where the results are."""
+        final = self.monitor.final()
+        if final is not None:
+            self.global_vector, self.accuracy = final.vector, final.accuracy
+        self.model.set_weights(vector_to_weights(self.global_vector, self.shapes))
         model_path = self.out / "model.keras"
         self.model.save(model_path)
         payload = protocol.encode(
@@ -619,13 +761,19 @@ class Federation:
         for session in sessions:
             session.tasks.put(DoneTask(payload))
         self.wait_for_goodbyes(sessions)
+        if self.history:
+            log.info("summary:\n%s", summary_table(self.history, final))
+        plot = self.draw_history(reason)
         log.info(
-            "done after %d round(s): %s, accuracy %.2f; model in %s, history in %s",
+            "done after %d round(s): %s, accuracy %.3f (model of round %s); "
+            "model in %s, history in %s%s",
             self.round,
             reason,
             self.accuracy,
+            final.round if final is not None else self.round,
             model_path,
             self.out / "history.csv",
+            f", plot in {plot}" if plot else "",
         )
 
     def wait_for_goodbyes(self, sessions: list[ClientSession]) -> None:
@@ -656,6 +804,7 @@ class Federation:
                 global_vector=self.global_vector,
                 accuracy=self.accuracy,
                 history=[dataclasses.asdict(r) for r in self.history],
+                clients=[dataclasses.asdict(r) for r in self.client_history],
                 settings=as_dict(self.config),
                 velocity=self.optimizer.velocity,
                 rng={
@@ -702,6 +851,7 @@ class Federation:
         self.optimizer.velocity = saved.velocity
         self.accuracy = saved.accuracy
         self.history = [RoundRecord(**row) for row in saved.history]
+        self.client_history = [ClientRecord(**row) for row in saved.clients]
         if "numpy" in saved.rng:
             checkpoint.restore_numpy_rng(saved.rng["numpy"])
         self.model.set_weights(vector_to_weights(self.global_vector, self.shapes))
@@ -714,18 +864,43 @@ class Federation:
         )
 
     def write_history(self) -> None:
-        """Rewrite history.csv with every round so far, atomically."""
+        """Rewrite history.csv and clients.csv with every round so far, each
+        atomically."""
+        for name, fields, records in (
+            ("history.csv", HISTORY_FIELDS, self.history),
+            ("clients.csv", CLIENT_FIELDS, self.client_history),
+        ):
 
-        def write(handle: Any) -> None:
-            text = io.TextIOWrapper(handle, newline="", encoding="utf-8")
-            writer = csv.DictWriter(text, fieldnames=HISTORY_FIELDS)
-            writer.writeheader()
-            for record in self.history:
-                writer.writerow(dataclasses.asdict(record))
-            text.flush()
-            text.detach()
+            def write(handle: Any, fields=fields, records=records) -> None:
+                text = io.TextIOWrapper(handle, newline="", encoding="utf-8")
+                writer = csv.DictWriter(text, fieldnames=fields)
+                writer.writeheader()
+                for record in records:
+                    writer.writerow(dataclasses.asdict(record))
+                text.flush()
+                text.detach()
 
-        checkpoint.write_atomically(self.out / "history.csv", write)
+            checkpoint.write_atomically(self.out / name, write)
+
+    def draw_history(self, reason: str) -> Path | None:
+        """Draw history.png next to history.csv; a drawing that fails is a
+        warning, never the end of a finished run."""
+        from common.plotting import plot_history
+
+        path = self.out / "history.png"
+        try:
+            plot_history(
+                path,
+                [dataclasses.asdict(r) for r in self.history],
+                [dataclasses.asdict(r) for r in self.client_history],
+                target_accuracy=self.config.target_accuracy,
+                eval_name=self.eval_set.name if self.eval_set else None,
+                title=f"{self.model.name}: {reason} after {self.round} round(s)",
+            )
+        except Exception as exc:  # matplotlib missing, a full disk, ...
+            log.warning("could not draw %s: %s", path, exc)
+            return None
+        return path
 
 
 def _peer_closed(conn: protocol.Connection) -> bool:
@@ -793,13 +968,46 @@ def default_out_dir() -> Path:
     return path
 
 
+def build_model(config: ServerConfig) -> Any:
+    """The model to federate: the user's ``--model`` file, or the built-in
+    XOR model drawn from the seed."""
+    if config.model is None:
+        return build_xor_model(config.seed)
+    model = load_model_file(config.model)
+    activation = output_activation(model)
+    if activation not in ("softmax", "sigmoid"):
+        log.warning(
+            "%s ends with activation %s, not softmax: the clients score its "
+            "outputs as class probabilities",
+            config.model,
+            activation,
+        )
+    return model
+
+
+def load_eval_set(config: ServerConfig, model: Any) -> EvalSet | None:
+    """The server's eval data fitted to the model: ``--eval-data``, the truth
+    table for the XOR model, or None (federated evaluation only)."""
+    if config.eval_data is not None:
+        dataset = load_dataset(config.eval_data, config.label_column, config.classes)
+        inputs, labels = dataset.fit(*io_shapes(model))
+        return EvalSet(str(config.eval_data), inputs, labels)
+    if config.model is None:
+        return EvalSet("the XOR truth table", XOR_INPUTS, XOR_LABELS)
+    return None
+
+
 def serve(config: ServerConfig) -> int:
     """Run a federation with ``config``; return the process exit status.
 
     In the main thread, SIGINT and SIGTERM ask the run to stop cleanly; a
     second SIGINT during the goodbyes raises KeyboardInterrupt at once.
     """
-    federation = Federation(config)
+    try:
+        federation = Federation(config)
+    except (ModelRefused, DataError) as exc:
+        log.error("%s", exc)
+        return EXIT_BAD_SETTINGS
 
     exit_codes = {signal.SIGINT: EXIT_INTERRUPTED, signal.SIGTERM: EXIT_TERMINATED}
 

