@@ -26,8 +26,9 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 class GAConfig:
     """The GA settings the server sends to every client each round.
 
-    Mirrors ``common.training.GASettings`` without importing TensorFlow; the
-    per-client ``seed`` is filled in by the server for each round.
+    Lives here, not in ``common.training``, so that parsing arguments needs
+    no TensorFlow; the per-client ``seed`` is filled in by the server for
+    each round.
     """
 
     # Generations each client runs per round.
@@ -44,6 +45,10 @@ class GAConfig:
     mutation_range: float = 1.0
     # The first population spreads up to this far around the global weights.
     init_range: float = 1.0
+    # A client's GA stops once its loss on its own data is this low (0: never).
+    # Going further saturates its rows, and the average of saturated models
+    # lands badly; stopping early also makes a round several times cheaper.
+    target_loss: float = 0.1
     # Seed of one client's GA in one round; the server sets it.
     seed: int = 0
 
@@ -68,10 +73,12 @@ class ServerConfig:
     out: Path | None = None
     # How the replies are combined: fedavg, median or trimmed-mean.
     aggregation: str = "fedavg"
-    # Step size on the averaged update (1.0 is plain FedAvg).
-    server_learning_rate: float = 1.0
-    # Server momentum on the averaged update (0 is plain FedAvg).
-    server_momentum: float = 0.0
+    # Step on the averaged update (1.0 lands on the average, plain FedAvg).
+    # 2.0 suits the two XOR clients: each one's change lands in full.
+    server_learning_rate: float = 2.0
+    # Momentum on the averaged update (0: none); 0.3 builds up the part of the
+    # update that recurs round after round.
+    server_momentum: float = 0.3
     # Seconds a round may take before missing replies count as failures.
     round_timeout: float = 300.0
     # Seconds a peer may take to finish a frame it has started, or to greet.
@@ -172,6 +179,13 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return value
 
 
@@ -357,6 +371,13 @@ def server_parser() -> argparse.ArgumentParser:
         help="how far the first population spreads around the global weights",
     )
     parser.add_argument(
+        "--target-loss",
+        type=_non_negative_float,
+        default=ga.target_loss,
+        help="a client's GA stops once its loss on its own data is this low "
+        "(0: never; run every generation)",
+    )
+    parser.add_argument(
         "--model",
         type=_readable_file,
         default=None,
@@ -415,6 +436,7 @@ def parse_server_args(argv: list[str] | None = None) -> ServerConfig:
         num_parents_mating=args.parents_mating,
         mutation_range=args.mutation_range,
         init_range=args.init_range,
+        target_loss=args.target_loss,
     )
     return ServerConfig(
         host=args.host,

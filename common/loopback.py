@@ -41,6 +41,8 @@ SERVER_DEFAULTS = (
     "--mutation-range", "0.2",
     "--init-range", "0.2",
     "--server-momentum", "0.5",
+    "--server-learning-rate", "1.0",
+    "--target-loss", "0",
     "--target-accuracy", "0.95",
 )  # fmt: skip
 

@@ -335,6 +335,7 @@ def check_model_task(data: dict) -> None:
         ("mutation_percent_genes", 0.0, 100.0),
         ("mutation_range", 0.0, 1e6),
         ("init_range", 0.0, 1e6),
+        ("target_loss", 0.0, 1e6),
     ):
         if key in ga:
             value = _require(ga, key, (int, float))

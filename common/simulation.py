@@ -4,7 +4,7 @@
 aggregation (``common.aggregation``) as the networked system, with the same
 per-client seeds, but calls the clients in turn inside one process. It is
 what the convergence study in ``bench/`` runs over many seeds; the networked
-server and this loop must agree, and ``tests/test_simulation.py`` checks that
+server and this loop must agree, and ``tests/test_end_to_end.py`` checks that
 they do on a short run.
 
 Run a quick study: ``python -m common.simulation --seeds 5``.

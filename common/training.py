@@ -205,6 +205,10 @@ def train_locally(
         random_mutation_max_val=settings.mutation_range,
         on_generation=report if on_generation else None,
         random_seed=settings.seed,
+        # Fitness is the negated loss: stop once the loss is <= target_loss.
+        stop_criteria=(
+            f"reach_{-settings.target_loss}" if settings.target_loss > 0 else None
+        ),
         suppress_warnings=True,
     )
     ga.run()
