@@ -93,6 +93,7 @@ class ServerConfig:
     tls_key: Path | None = None
     # Replies a round needs to count; with fewer the global model stays as it
     # was and the round is tried again once enough clients are connected.
+    # The command line defaults it to min_clients.
     min_fit_clients: int = 2
     # Continue from the checkpoint in ``out`` instead of starting at round 1.
     resume: bool = False
@@ -350,8 +351,9 @@ def server_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--min-fit-clients",
         type=_positive_int,
-        default=defaults.min_fit_clients,
-        help="replies a round needs to count; with fewer it is tried again",
+        default=argparse.SUPPRESS,
+        help="replies a round needs to count; with fewer it is tried again "
+        "(default: --min-clients)",
     )
     parser.add_argument(
         "--resume",
@@ -456,7 +458,7 @@ def parse_server_args(argv: list[str] | None = None) -> ServerConfig:
         secret_file=args.secret_file,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
-        min_fit_clients=args.min_fit_clients,
+        min_fit_clients=getattr(args, "min_fit_clients", args.min_clients),
         resume=args.resume,
         model=args.model,
         eval_data=args.eval_data,

@@ -175,7 +175,8 @@ def test_data_that_does_not_fit_the_model_gets_one_line_and_exit_2(tmp_path):
     (tmp_path / "label7.csv").write_text("a,b,c,d,label\n1,2,3,4,0\n5,6,7,8,7\n")
     server, port = start_server(
         "--out", str(tmp_path / "out"), "--model", str(tmp_path / "initial.keras"),
-        "--min-clients", "1", "--rounds", "50", "--generations", "2",
+        "--min-clients", "1", "--min-fit-clients", "1", "--rounds", "50",
+        "--generations", "2",
     )  # fmt: skip
     try:
         for name, message in [

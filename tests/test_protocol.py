@@ -224,6 +224,7 @@ def test_bad_weights_in_a_reply_are_refused(vector, message):
         ({"mutation_range": "wide"}, "must be int or float"),
         ({"mutation_percent_genes": 150.0}, "must be in"),
         ({"seed": -1}, "must be in"),
+        ({"target_loss": -0.5}, "must be in"),
     ],
 )
 def test_ga_settings_out_of_range_are_refused(ga_change, message):
