@@ -264,6 +264,12 @@ def reply_to_model(
         interrupted = _readable(sock)
         return "stop" if interrupted else None
 
+    log.info(
+        "%s [ROUND %d] training for up to %d generation(s)",
+        config.client_id,
+        round_number,
+        task["ga"]["num_generations"],
+    )
     try:
         result = trainer.train(task, on_generation)
     except ModelRefused as exc:
