@@ -56,6 +56,14 @@ def rss_kib(pid: int) -> int:
     return int(re.search(r"VmRSS:\s+(\d+)", status).group(1))
 
 
+def expect_refused_client(port: int, message: str, *args: str) -> None:
+    """client1.py with ``args`` exits 1 with ``message`` and no traceback."""
+    client = Process(python_script("client1.py", "--port", str(port), *args))
+    assert client.wait(TIMEOUT) == 1, client.output
+    assert message in client.output
+    assert "Traceback" not in client.output
+
+
 def finish_with_honest_clients(server: Process, port: int, *args: str) -> None:
     clients = [start_client(n, port, *args) for n in ("client1.py", "client2.py")]
     try:
@@ -280,20 +288,10 @@ def test_only_clients_that_know_the_secret_get_in(tmp_path, secrets_dir):
     key_bytes = security.load_secret(secrets_dir / "secret")
 
     # Wrong secret, and no secret: one clear line each, non-zero exit.
-    wrong = Process(
-        python_script(
-            "client1.py",
-            "--port",
-            str(port),
-            "--secret-file",
-            str(secrets_dir / "wrong"),
-        )
+    expect_refused_client(
+        port, "wrong or missing secret", "--secret-file", str(secrets_dir / "wrong")
     )
-    assert wrong.wait(TIMEOUT) == 1
-    assert "wrong or missing secret" in wrong.output
-    missing = Process(python_script("client1.py", "--port", str(port)))
-    assert missing.wait(TIMEOUT) == 1
-    assert "requires a shared secret" in missing.output
+    expect_refused_client(port, "requires a shared secret")
 
     # An altered frame after an honest handshake is refused before decoding.
     with connect(port) as sock:
@@ -392,18 +390,9 @@ def test_tls_clients_train_and_refuse_a_certificate_from_another_authority(
         "--tls-key",
         str(tls_files / "server.key"),
     )
-    stranger = Process(
-        python_script(
-            "client1.py",
-            "--port",
-            str(port),
-            "--tls-ca",
-            str(tls_files / "other-ca.pem"),
-        )
+    expect_refused_client(
+        port, "certificate does not verify", "--tls-ca", str(tls_files / "other-ca.pem")
     )
-    assert stranger.wait(TIMEOUT) == 1
-    assert "certificate does not verify" in stranger.output
-    assert "Traceback" not in stranger.output
     finish_with_honest_clients(server, port, "--tls-ca", str(tls_files / "ca.pem"))
 
 
