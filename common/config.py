@@ -85,6 +85,8 @@ class ServerConfig:
     io_timeout: float = 30.0
     # Largest frame accepted, in bytes.
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    # Open connections at most (each has a thread); more are refused at once.
+    max_connections: int = 1000
     ga: GAConfig = field(default_factory=GAConfig)
     # File holding the secret every client must prove it knows; None: no check.
     secret_file: Path | None = None
@@ -340,6 +342,12 @@ def server_parser() -> argparse.ArgumentParser:
         help="seconds a round may take; late clients count as failures",
     )
     parser.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=defaults.max_connections,
+        help="open connections at most; more are refused with an error",
+    )
+    parser.add_argument(
         "--tls-cert",
         type=_readable_file,
         default=None,
@@ -452,6 +460,7 @@ def parse_server_args(argv: list[str] | None = None) -> ServerConfig:
         server_learning_rate=args.server_learning_rate,
         server_momentum=args.server_momentum,
         round_timeout=args.round_timeout,
+        max_connections=args.max_connections,
         io_timeout=args.io_timeout,
         max_message_bytes=args.max_message_bytes,
         ga=ga,

@@ -247,7 +247,35 @@ class FederationTCPServer(socketserver.ThreadingTCPServer):
             if config.tls_cert and config.tls_key
             else None
         )
+        # Connections with a thread of their own; guarded by _active_lock.
+        self._active: set[Any] = set()
+        self._active_lock = threading.Lock()
         super().__init__((config.host, config.port), ConnectionHandler)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Admit a connection while fewer than max_connections are open, so
+        that a flood of connections cannot exhaust the server's threads."""
+        limit = self.federation.config.max_connections
+        with self._active_lock:
+            admitted = len(self._active) < limit
+            if admitted:
+                self._active.add(request)
+        if not admitted:
+            log.warning(
+                "refused %s:%s: already %d connections (--max-connections)",
+                *client_address[:2],
+                limit,
+            )
+            if not isinstance(request, ssl.SSLSocket):
+                protocol.send_error(
+                    request, f"server is full ({limit} connections); try later"
+                )
+        return admitted
+
+    def shutdown_request(self, request: Any) -> None:
+        super().shutdown_request(request)
+        with self._active_lock:
+            self._active.discard(request)
 
     def get_request(self) -> tuple[socket.socket, Any]:
         sock, address = super().get_request()

@@ -486,3 +486,37 @@ def test_silent_and_stalled_peers_are_dropped_and_the_round_goes_on(tmp_path):
     finally:
         silent.close()
         stalled.close()
+
+
+def test_connections_beyond_the_limit_are_refused_until_one_closes(tmp_path):
+    server, port = start_server("--out", str(tmp_path), "--max-connections", "2")
+    try:
+        first, second = connect(port), connect(port)
+        # Both hold a thread, waiting for their echo: a third is refused.
+        with connect(port) as third:
+            expect_error(third, r"server is full \(2 connections\)")
+        server.wait_for_line(r"refused .*already 2 connections", TIMEOUT)
+
+        # Once one leaves, a newcomer gets in and is greeted. Its thread logs
+        # the drop a moment before it frees the slot, so a newcomer may still
+        # be refused in between: try a bounded number of times.
+        first.close()
+        server.wait_for_line(r"dropped .*\(before echo\)", TIMEOUT)
+        for _ in range(100):
+            newcomer = connect(port)
+            echo = {"client_id": "late", "num_examples": 2}
+            protocol.send_message(newcomer, "echo", echo, 10)
+            try:
+                protocol.recv_message(
+                    newcomer, protocol.SERVER_TO_CLIENT, max_bytes=MAX, io_timeout=0.5
+                )
+            except protocol.PeerError:
+                newcomer.close()
+                continue
+            except protocol.MessageTimeout:
+                break  # admitted: it waits for a round that never comes
+        server.wait_for_line(r"late joined from", TIMEOUT)
+        newcomer.close()
+        second.close()
+    finally:
+        server.stop()
