@@ -11,7 +11,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from common.launcher import start_client, start_server
+from common.launcher import start_client, start_server, wait_for_federation
 
 
 def main() -> int:
@@ -32,12 +32,7 @@ def main() -> int:
     clients = [
         start_client(name, port, echo=True) for name in ("client1.py", "client2.py")
     ]
-    try:
-        code = server.wait(timeout=3600)
-        client_codes = [client.wait(timeout=60) for client in clients]
-    finally:
-        for process in (server, *clients):
-            process.stop()
+    code, client_codes = wait_for_federation(server, clients, timeout=3600)
 
     if code == 0 and not any(client_codes):
         print(

@@ -128,3 +128,17 @@ def start_server(
 def start_client(script: str, port: int, *args: str, echo: bool = False) -> Process:
     """Start a client script against the server on ``port``."""
     return Process(python_script(script, "--port", str(port), *args), echo=echo)
+
+
+def wait_for_federation(
+    server: Process, clients: list[Process], timeout: float
+) -> tuple[int, list[int]]:
+    """The exit status of the server (waiting up to ``timeout`` seconds) and
+    then of each client (a minute each: they end once the server says done).
+    Every process is stopped afterwards, whatever happened."""
+    try:
+        server_code = server.wait(timeout)
+        return server_code, [client.wait(60) for client in clients]
+    finally:
+        for process in (server, *clients):
+            process.stop()

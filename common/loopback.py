@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from common.datasets import Dataset, load_dataset, partition, split_holdout, write_csv
-from common.launcher import Process, start_client, start_server
+from common.launcher import Process, start_client, start_server, wait_for_federation
 
 log = logging.getLogger("fedga.simulate")
 
@@ -180,12 +180,7 @@ def run(config: SimulationConfig) -> SimulationResult:
         )
         for number, path in enumerate(shard_paths, start=1)
     ]
-    try:
-        server_code = server.wait(timeout=3600)
-        client_codes = [client.wait(timeout=60) for client in clients]
-    finally:
-        for process in (server, *clients):
-            process.stop()
+    server_code, client_codes = wait_for_federation(server, clients, timeout=3600)
     for number, (client, code) in enumerate(
         zip(clients, client_codes, strict=True), start=1
     ):

@@ -13,7 +13,14 @@ import numpy as np
 import pytest
 
 from common import protocol
-from common.launcher import ROOT, Process, python_script, start_client, start_server
+from common.launcher import (
+    ROOT,
+    Process,
+    python_script,
+    start_client,
+    start_server,
+    wait_for_federation,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -36,12 +43,7 @@ class Run:
 def run_federation(out: Path, *server_args: str) -> Run:
     server, port = start_server("--out", str(out), *server_args)
     clients = [start_client(name, port) for name in ("client1.py", "client2.py")]
-    try:
-        server_code = server.wait(TIMEOUT)
-        client_codes = [client.wait(60) for client in clients]
-    finally:
-        for process in (server, *clients):
-            process.stop()
+    server_code, client_codes = wait_for_federation(server, clients, TIMEOUT)
     return Run(
         server_code, client_codes, out, server.output, [c.output for c in clients]
     )

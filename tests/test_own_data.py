@@ -13,7 +13,14 @@ import numpy as np
 import pytest
 
 from common.datasets import load_dataset, write_csv
-from common.launcher import ROOT, Process, python_script, start_client, start_server
+from common.launcher import (
+    ROOT,
+    Process,
+    python_script,
+    start_client,
+    start_server,
+    wait_for_federation,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -73,11 +80,8 @@ def own_run(tmp_path_factory):
         )
         for name in ("alice.csv", "bob.npz")
     ]
-    try:
-        codes = [server.wait(TIMEOUT)] + [c.wait(60) for c in clients]
-    finally:
-        for process in (server, *clients):
-            process.stop()
+    server_code, client_codes = wait_for_federation(server, clients, TIMEOUT)
+    codes = [server_code, *client_codes]
     return {
         "folder": folder,
         "out": out,

@@ -16,7 +16,13 @@ import numpy as np
 import pytest
 
 from common import protocol, security
-from common.launcher import Process, python_script, start_client, start_server
+from common.launcher import (
+    Process,
+    python_script,
+    start_client,
+    start_server,
+    wait_for_federation,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -66,12 +72,9 @@ def expect_refused_client(port: int, message: str, *args: str) -> None:
 
 def finish_with_honest_clients(server: Process, port: int, *args: str) -> None:
     clients = [start_client(n, port, *args) for n in ("client1.py", "client2.py")]
-    try:
-        assert server.wait(TIMEOUT) in (0, 3), server.output
-        assert [c.wait(60) for c in clients] == [0, 0]
-    finally:
-        for process in (server, *clients):
-            process.stop()
+    server_code, client_codes = wait_for_federation(server, clients, TIMEOUT)
+    assert server_code in (0, 3), server.output
+    assert client_codes == [0, 0]
 
 
 # Hostile pickles -------------------------------------------------------------
