@@ -58,8 +58,9 @@ MAX_EXAMPLES = 10**9
 MAX_ID_CHARS = 128
 MAX_REASON_CHARS = 1000
 
-# The float dtypes that arrays on the wire may have.
-FLOAT_DTYPES = frozenset({"f2", "f4", "f8", "<f2", "<f4", "<f8", ">f2", ">f4", ">f8"})
+# The float dtypes that arrays on the wire may have (type codes; a dtype name
+# may also carry a byte order, "<" or ">").
+FLOAT_CODES = frozenset({"f2", "f4", "f8"})
 
 
 # Errors ----------------------------------------------------------------------
@@ -139,7 +140,10 @@ def _safe_reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
 
 
 def _safe_dtype(name: Any, align: Any = False, copy: Any = True) -> np.dtype:
-    if not isinstance(name, str) or name not in FLOAT_DTYPES:
+    if not isinstance(name, str):
+        raise DecodeError(f"dtype {name!r} is not a float dtype")
+    code = name[1:] if name[:1] in ("<", ">") else name
+    if code not in FLOAT_CODES:
         raise DecodeError(f"dtype {name!r} is not a float dtype")
     return np.dtype(name)
 
@@ -147,7 +151,7 @@ def _safe_dtype(name: Any, align: Any = False, copy: Any = True) -> np.dtype:
 def _checked_array(dtype: Any, shape: Any, data: Any, order: str = "C") -> np.ndarray:
     """An array from its dtype, shape and raw bytes, refused unless it is a
     float array whose bytes match its shape exactly."""
-    if not isinstance(dtype, np.dtype) or dtype.str[1:] not in {"f2", "f4", "f8"}:
+    if not isinstance(dtype, np.dtype) or dtype.str[1:] not in FLOAT_CODES:
         raise DecodeError(f"array dtype {dtype!r} is not a float dtype")
     if not isinstance(shape, tuple) or not all(
         type(d) is int and d >= 0 for d in shape
